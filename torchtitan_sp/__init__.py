@@ -1,0 +1,1 @@
+"""torchtitan_sp: Llama 3 training recipes for very long sequences with context parallelism."""

@@ -1,0 +1,395 @@
+"""Typed run configuration: dataclass sections, TOML recipes, `--section.key value` overrides.
+
+Precedence: command line > TOML recipe > dataclass defaults. Every field carries a one-line
+docstring (the string literal under it), which `--help` prints. Unknown sections or keys and
+values of the wrong type raise ConfigError, which the entry points turn into one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import textwrap
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "train_configs"
+
+
+class ConfigError(ValueError):
+    """A bad recipe or override: the message names the key and what is valid."""
+
+
+@dataclass
+class Job:
+    config_file: str = ""
+    """TOML recipe; a bare name resolves against train_configs/."""
+    dump_folder: str = "./outputs"
+    """Folder for metrics.jsonl, TensorBoard files (tb/) and checkpoints."""
+    description: str = ""
+    """Free text printed at start-up."""
+    dry_run: bool = False
+    """Validate, build the mesh shape and the model on the meta device, print sizes and memory; allocate nothing."""
+
+
+@dataclass
+class Model:
+    name: str = "llama3"
+    """Model family (only llama3)."""
+    flavor: str = "debug"
+    """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
+    tokenizer_path: str = "assets/tokenizer/tokenizer.model"
+    """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative paths resolve against the repo)."""
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"
+    """Optimizer (only AdamW)."""
+    lr: float = 8e-4
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    implementation: str = "foreach"
+    """AdamW kernel: fused | foreach | for-loop (fused needs a GPU)."""
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 2
+    """Linear warmup steps from lr/ (warmup_steps + 1) to lr."""
+    decay_type: str = "linear"
+    """Decay after warmup: linear | cosine | none."""
+    min_lr_factor: float = 0.0
+    """Final lr as a fraction of the peak."""
+
+
+@dataclass
+class Training:
+    seq_len: int = 256
+    """Tokens per sequence (before context-parallel sharding)."""
+    local_batch_size: int = 2
+    """Sequences per data-parallel rank per micro-batch (ranks of one cp/tp group share them)."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step; -1 = local_batch_size x dp degree. Larger values accumulate gradients."""
+    steps: int = 20
+    """Optimizer steps."""
+    max_norm: float = 1.0
+    """Gradient clipping norm (<= 0 disables)."""
+    dataset: str = "synthetic"
+    """Data source: synthetic | stdlib (this interpreter's standard-library source) | files (training.dataset_path)."""
+    dataset_path: str = ""
+    """Local files or a glob: .txt, .jsonl/.json (a "text" field), .parquet (with pyarrow)."""
+    packing: bool = True
+    """Pack documents into seq_len windows with per-document positions and a document-causal mask."""
+    mixed_precision_param: str = "bfloat16"
+    """Parameter dtype for compute on GPU: bfloat16 | float32 (CPU runs always use float32)."""
+    mixed_precision_reduce: str = "float32"
+    """Gradient reduce dtype: float32 | bfloat16."""
+    skip_nonfinite_loss: bool = False
+    """Skip an optimizer step whose loss is NaN/inf instead of stopping the run."""
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    """HSDP replicas (parameters replicated across them)."""
+    data_parallel_shard_degree: int = -1
+    """FSDP2 shard degree; -1 = the ranks left after the other degrees."""
+    context_parallel_degree: int = 1
+    """Ranks that split each sequence (cp mesh dimension)."""
+    tensor_parallel_degree: int = 1
+    """Megatron-style tensor + sequence parallel degree."""
+    context_parallel_strategy: str = "ring"
+    """Attention across cp ranks: ring (torch ring attention) | ulysses | usp | allgather."""
+    context_parallel_rotate_method: str = "allgather"
+    """KV exchange of the torch ring: allgather | alltoall."""
+    context_parallel_load_balancer: str = "headtail"
+    """Sequence layout over cp ranks: headtail (balanced causal work) | none (contiguous)."""
+    context_parallel_ulysses_degree: int = 1
+    """usp only: all-to-all (Ulysses) degree u; the ring degree is cp / u."""
+    heads_k_stride: int = 1
+    """allgather only: KV heads gathered per step (larger uses more memory, runs faster)."""
+    disable_loss_parallel: bool = False
+    """With tp > 1, gather the logits instead of computing the loss on vocabulary shards."""
+    enable_async_tensor_parallel: bool = False
+    """Overlap TP collectives with matmuls (GPU and compile only)."""
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    """none | full | selective."""
+    selective_ac_option: str = "2"
+    """selective mode: an integer N checkpoints every N-th block; "op" saves matmul outputs, recomputes the rest."""
+    tiled_mlp_shards: int = 1
+    """Run each feed-forward over this many sequence tiles with recomputation (1 = off)."""
+    offload: bool = False
+    """Keep full-AC block inputs in pinned CPU memory (GPU only; a no-op on CPU)."""
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    """torch.compile each TransformerBlock."""
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 1
+    """Log every N steps (console, TensorBoard, metrics.jsonl)."""
+    enable_tensorboard: bool = True
+    """Write TensorBoard event files under <dump_folder>/tb."""
+    disable_color_printing: bool = False
+    """Plain console lines."""
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False
+    """Save DCP checkpoints and resume from the newest complete one."""
+    folder: str = "checkpoint"
+    """Checkpoint folder under the dump folder."""
+    interval: int = 500
+    """Save every N steps (and at the last step)."""
+    async_mode: str = "disabled"
+    """disabled | async (save in a background thread)."""
+    keep_latest_k: int = 0
+    """Keep only the newest k checkpoints (0 = keep all)."""
+    load_step: int = -1
+    """Resume from this step instead of the newest (-1 = newest)."""
+    initial_load_path: str = ""
+    """Start from the model weights of this checkpoint folder (fresh optimizer and step 0)."""
+    export_final: bool = False
+    """After the last step, write the model weights alone to <folder>/model.pt."""
+    save_on_sigterm: bool = True
+    """On SIGTERM, save a checkpoint before exiting."""
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = 300
+    """Timeout for process-group set-up and the first step."""
+    train_timeout_seconds: int = 100
+    """Collective timeout after the first step: a dead rank makes the others exit within it."""
+
+
+@dataclass
+class Debug:
+    seed: int = 0
+    """Seed for model init and data."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower)."""
+
+
+@dataclass
+class Config:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    comm: Comm = field(default_factory=Comm)
+    debug: Debug = field(default_factory=Debug)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# Choices checked for string keys: key -> valid values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": ("llama3",),
+    "model.flavor": ("debug", "1B", "3B", "8B", "70B", "405B"),
+    "optimizer.name": ("AdamW",),
+    "optimizer.implementation": ("fused", "foreach", "for-loop"),
+    "lr_scheduler.decay_type": ("linear", "cosine", "none"),
+    "training.dataset": ("synthetic", "stdlib", "files"),
+    "training.mixed_precision_param": ("bfloat16", "float32"),
+    "training.mixed_precision_reduce": ("float32", "bfloat16"),
+    "parallelism.context_parallel_strategy": ("ring", "ulysses", "usp", "allgather"),
+    "parallelism.context_parallel_rotate_method": ("allgather", "alltoall"),
+    "parallelism.context_parallel_load_balancer": ("headtail", "none"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "checkpoint.async_mode": ("disabled", "async"),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (read from the source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory().__class__ for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a TOML or command-line value to the type of the field's default."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    value = str(value)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not valid; choose one of {' | '.join(CHOICES[key])}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    sections = _sections()
+    if "." not in dotted:
+        raise ConfigError(f"--{dotted}: options are --section.key; sections: {', '.join(sections)}")
+    sec, key = dotted.split(".", 1)
+    if sec not in sections:
+        raise ConfigError(f"unknown config section {sec!r} (in {dotted}); valid: {', '.join(sections)}")
+    obj = getattr(cfg, sec)
+    names = [f.name for f in fields(obj)]
+    if key not in names:
+        raise ConfigError(f"unknown config key {dotted!r}; keys of [{sec}]: {', '.join(names)}")
+    setattr(obj, key, _coerce(dotted, value, getattr(obj, key)))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given if it exists, else train_configs/<name>."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (CONFIG_DIR / name).is_file():
+        return CONFIG_DIR / name
+    available = ", ".join(sorted(x.name for x in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"--config {name}: no such file (nor in train_configs/: {available})")
+
+
+def _parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    config_file, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --section.key value")
+        name, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val, i = argv[i + 1], i + 1
+            else:
+                val = "true"  # a bare flag switches a boolean on
+        if name in ("config", "job.config_file"):
+            config_file = val
+        else:
+            pairs.append((name, val))
+        i += 1
+    return config_file, pairs
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults, then the TOML recipe, then command-line overrides; then validation of single keys."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_file, pairs = _parse_cli(argv)
+    cfg = Config()
+    if config_file:
+        path = resolve_config_path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for sec, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {sec!r} must be a [section]; sections: {', '.join(_sections())}")
+            for key, val in table.items():
+                _set(cfg, f"{sec}.{key}", val)
+        cfg.job.config_file = str(path)
+    for name, val in pairs:
+        _set(cfg, name, val)
+    check_values(cfg)
+    return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Rules on single keys; rules that involve the world size live in parallel_dims."""
+    t, p = cfg.training, cfg.parallelism
+    positive = {"training.seq_len": t.seq_len, "training.local_batch_size": t.local_batch_size,
+                "training.steps": t.steps, "metrics.log_freq": cfg.metrics.log_freq,
+                "parallelism.data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+                "parallelism.context_parallel_degree": p.context_parallel_degree,
+                "parallelism.tensor_parallel_degree": p.tensor_parallel_degree,
+                "parallelism.context_parallel_ulysses_degree": p.context_parallel_ulysses_degree,
+                "parallelism.heads_k_stride": p.heads_k_stride,
+                "activation_checkpoint.tiled_mlp_shards": cfg.activation_checkpoint.tiled_mlp_shards,
+                "checkpoint.interval": cfg.checkpoint.interval}
+    for key, val in positive.items():
+        if val < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {val}")
+    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
+        raise ConfigError(f"parallelism.data_parallel_shard_degree: must be -1 or >= 1, got {p.data_parallel_shard_degree}")
+    sac = cfg.activation_checkpoint.selective_ac_option
+    if sac != "op" and not (sac.isdigit() and int(sac) >= 1):
+        raise ConfigError(f"activation_checkpoint.selective_ac_option: 'op' or a positive integer, got {sac!r}")
+    if t.dataset == "files" and not t.dataset_path:
+        raise ConfigError("training.dataset_path: required when training.dataset = 'files'")
+
+
+def help_text() -> str:
+    lines = ["usage: run_train.sh [--config NAME.toml] [--section.key value | --section.key=value ...]", ""]
+    for sec, cls in _sections().items():
+        lines.append(f"[{sec}]")
+        docs, default = field_docs(cls), cls()
+        for f in fields(cls):
+            lines.append(f"  --{sec}.{f.name} ({type(getattr(default, f.name)).__name__}, "
+                         f"default {getattr(default, f.name)!r}): {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def resolve_repo_path(path: str) -> Path:
+    """Relative paths resolve against the working directory first, then the repo root."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
