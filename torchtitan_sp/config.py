@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "train_configs"
+DEFAULT_RECIPE = "debug_model.toml"  # used when no --config is given
 
 
 class ConfigError(ValueError):
@@ -334,8 +335,8 @@ def load_config(argv: list[str] | None = None) -> Config:
     argv = sys.argv[1:] if argv is None else argv
     config_file, pairs = _parse_cli(argv)
     cfg = Config()
-    if config_file:
-        path = resolve_config_path(config_file)
+    if config_file != "":  # --config "" means dataclass defaults only
+        path = resolve_config_path(config_file or DEFAULT_RECIPE)
         try:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:

@@ -1,0 +1,91 @@
+"""Llama 3's tokenizer: tiktoken byte-level BPE over a ranks file plus 256 special tokens.
+
+The ranks file has Llama 3's tokenizer.model format: one line per BPE token, "<base64 bytes> <rank>".
+Split pattern and special tokens are Meta's (Llama 3.1 names), numbered right after the BPE ranks,
+so the real 128,000-rank file gives <|begin_of_text|> = 128000 as in Meta's checkpoints, and the
+shipped 1,792-rank file gives a 2,048-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import tiktoken
+
+PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+NUM_SPECIAL_TOKENS = 256
+_NAMED_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+SPECIAL_TOKENS = _NAMED_SPECIALS + [f"<|reserved_special_token_{2 + i}|>"
+                                    for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIALS))]
+
+# tiktoken's regex runs out of backtracking stack on very long runs of whitespace (or of
+# non-whitespace), so such runs are cut into pieces first, as Meta's tokenizer does.
+MAX_RUN_CHARS = 25_000
+_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+
+
+def load_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a tokenizer.model ranks file; any problem is a one-line ValueError naming the file."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"model.tokenizer_path: cannot read {path}: {e.strerror or e}") from None
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"model.tokenizer_path: {path} line {n} is not '<base64 token> <rank>' "
+                             "(expected a Llama 3 tokenizer.model ranks file)") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"model.tokenizer_path: {path}: ranks are not 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # byte-level BPE needs every single byte, or some text cannot be encoded
+        raise ValueError(f"model.tokenizer_path: {path} lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]})")
+    return ranks
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        ranks = load_ranks(self.path)
+        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(self.path.name, pat_str=PAT_STR, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.n_words = self.model.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        """Special-token strings inside `text` encode as ordinary text (data cannot inject them)."""
+        ids = [self.bos_id] if bos else []
+        for piece in _pieces(text):
+            ids.extend(self.model.encode_ordinary(piece))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """`text` cut inside every run longer than MAX_RUN_CHARS (whole when there is none)."""
+    start = 0
+    for m in _LONG_RUN.finditer(text):
+        for cut in range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]

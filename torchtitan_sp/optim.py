@@ -1,0 +1,35 @@
+"""AdamW and the learning-rate schedule: linear warmup, then linear or cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from torchtitan_sp.config import LRScheduler, Optimizer
+
+
+def build_optimizer(params, o: Optimizer) -> torch.optim.Optimizer:
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[o.implementation]
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             weight_decay=o.weight_decay, **impl)
+
+
+def lr_factor(step: int, total_steps: int, s: LRScheduler) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
+    if step < s.warmup_steps:
+        return (step + 1) / (s.warmup_steps + 1)
+    if s.decay_type == "none":
+        return 1.0
+    decay_steps = max(total_steps - s.warmup_steps, 1)
+    progress = min((step - s.warmup_steps) / decay_steps, 1.0)
+    if s.decay_type == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return s.min_lr_factor + (1.0 - s.min_lr_factor) * shape
+
+
+def build_lr_scheduler(opt: torch.optim.Optimizer, total_steps: int, s: LRScheduler) -> LambdaLR:
+    return LambdaLR(opt, lambda step: lr_factor(step, total_steps, s))

@@ -1,0 +1,35 @@
+"""parallelize_llama: the techniques in their fixed order TP -> CP -> AC -> compile -> FSDP2."""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+
+from torchtitan_sp.config import Config
+from torchtitan_sp.models.llama3 import Transformer
+from torchtitan_sp.parallelize.ac import apply_ac
+from torchtitan_sp.parallelize.compile import apply_compile
+from torchtitan_sp.parallelize.fsdp import apply_fsdp
+
+
+def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Config, param_dtype: str) -> list[str]:
+    """Apply each enabled technique in place; returns what was applied, for the start-up summary."""
+    p, applied = cfg.parallelism, []
+    if meshes["tp"].size() > 1:
+        from torchtitan_sp.parallelize.tp import apply_tp
+        apply_tp(model, meshes["tp"], loss_parallel=not p.disable_loss_parallel,
+                 async_tp=p.enable_async_tensor_parallel)
+        applied.append(f"TP-SP {meshes['tp'].size()}")
+    if meshes["cp"].size() > 1:
+        from torchtitan_sp.parallelize.cp import apply_cp
+        apply_cp(model, meshes["cp"], p)
+        applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}")
+    if cfg.activation_checkpoint.mode != "none":
+        apply_ac(model, cfg.activation_checkpoint)
+        applied.append(f"AC {cfg.activation_checkpoint.mode}")
+    if cfg.compile.enable:
+        apply_compile(model)
+        applied.append("compile")
+    apply_fsdp(model, meshes, param_dtype, cfg.training.mixed_precision_reduce)
+    applied.append(f"FSDP2 {meshes['dp_shard_cp'].size()}" + (f" x HSDP {meshes['dp_replicate'].size()}"
+                                                            if meshes["dp_replicate"].size() > 1 else ""))
+    return applied

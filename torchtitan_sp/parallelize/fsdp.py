@@ -1,0 +1,36 @@
+"""FSDP2: shard parameters, gradients and optimizer states over dp_shard x cp (HSDP with dp_replicate)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from torchtitan_sp.models.llama3 import Transformer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: str, reduce_dtype: str) -> None:
+    """fully_shard every block, then the root (embedding, final norm, output).
+
+    cp ranks hold different tokens of the same samples, so they are data-parallel for the
+    weights: sharding over dp_shard x cp keeps them from each holding a full copy.
+    """
+    fsdp_mesh = meshes.get("hsdp", meshes["dp_shard_cp"])  # HSDP: replicate x shard
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    for block in model.layers.values():
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=mp)
+    # The loss is already divided by the global number of valid tokens: reduce gradients by sum.
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            if fsdp_mesh.device_type == "cpu":
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    logger.info(f"FSDP2 over {fsdp_mesh.mesh_dim_names} {tuple(fsdp_mesh.shape)}, "
+                f"params {param_dtype}, reduce {reduce_dtype}")

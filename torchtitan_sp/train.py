@@ -1,0 +1,262 @@
+"""The trainer: build -> parallelize -> train. Run under torchrun (see run_train.sh):
+
+    torchrun --standalone --nproc_per_node N -m torchtitan_sp.train --config debug_model.toml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own deprecation noise
+
+from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
+from torchtitan_sp.config import Config
+from torchtitan_sp.data import build_dataloader
+from torchtitan_sp.loss import model_loss_sum
+from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
+from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights
+from torchtitan_sp.optim import build_lr_scheduler, build_optimizer
+from torchtitan_sp.parallel_dims import ParallelDims
+from torchtitan_sp.parallelize import parallelize_llama
+from torchtitan_sp.validate import load_and_validate
+
+logger = logging.getLogger("torchtitan_sp")
+
+
+def init_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="[%(asctime)s rank" + str(rank) + "] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def init_distributed(cfg: Config) -> torch.device:
+    """NCCL on GPUs, gloo on CPU processes; works for one process without torchrun too."""
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, default)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.comm.init_timeout_seconds))
+    return device
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """After the first step, a dead rank should fail the others within the training timeout."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    try:
+        _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+    except (RuntimeError, AttributeError) as e:  # not supported by every backend/version
+        logger.warning(f"could not shorten the collective timeout: {e}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims):
+        self.cfg, self.dims = cfg, dims
+        self.device = init_distributed(cfg)
+        self.rank = dist.get_rank()
+        init_logging(self.rank)
+        torch.manual_seed(cfg.debug.seed)
+        if cfg.debug.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.meshes = dims.build_mesh(self.device.type)
+        self.cp_rank = self.meshes["cp"].get_local_rank()
+        dp_rank = self.meshes["dp"].get_local_rank()
+        self.headtail = dims.cp > 1 and cfg.parallelism.context_parallel_load_balancer == "headtail"
+        self.packing = cfg.training.packing and cfg.training.dataset != "synthetic"
+
+        # Build on the meta device, parallelize, then materialize and initialize.
+        self.model_args = FLAVORS[cfg.model.flavor]
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # On CPU compute in fp32 (bf16 matmuls there are slow and inexact); on GPU as configured.
+        self.param_dtype = cfg.training.mixed_precision_param if self.device.type == "cuda" else "float32"
+        self.applied = parallelize_llama(model, self.meshes, cfg, self.param_dtype)
+        model.to_empty(device=self.device)
+        init_weights(model, cfg.debug.seed)
+        model.train()
+        self.model = model
+
+        self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler)
+        self.dataloader = build_dataloader(cfg, self.model_args.vocab_size, dp_rank, dims.dp)
+        self.grad_accum = dims.grad_accum_steps(cfg)
+        self.step = 0
+        self.tokens_seen = 0
+
+        self.checkpointer = None
+        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
+            from torchtitan_sp.checkpoint import CheckpointManager
+            self.checkpointer = CheckpointManager(cfg, self)
+            self.checkpointer.load()
+
+        self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
+                                     color=not cfg.metrics.disable_color_printing, active=self.rank == 0,
+                                     append=self.step > 0)
+        self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
+        self.peak = peak_tflops(self.device)
+        self._summary()
+
+    def _summary(self) -> None:
+        cfg, d = self.cfg, self.dims
+        t = cfg.training
+        tokens_per_step = t.local_batch_size * t.seq_len * d.dp * self.grad_accum
+        n_emb = self.model_args.vocab_size * self.model_args.dim
+        logger.info(f"{cfg.job.description or cfg.job.config_file or 'default config'}: Llama 3 {cfg.model.flavor}, "
+                    f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
+        logger.info(f"mesh dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} "
+                    f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
+        logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "
+                    f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
+                    f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {tokens_per_step:,} tokens "
+                    f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
+
+    # ---- one optimizer step -------------------------------------------------------------
+
+    def _shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's tokens: the cp shard of every (B, S) tensor (cp ranks share one sample)."""
+        out = {}
+        for key, t in batch.items():
+            t = t.to(self.device)
+            if self.dims.cp > 1:
+                t = shard_sequence(t, self.cp_rank, self.dims.cp, self.headtail)
+            out[key] = t
+        return out
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        """Loss-parallel cross-entropy on vocabulary shards when TP shards the output projection."""
+        if self.dims.tp > 1 and not self.cfg.parallelism.disable_loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        # Valid labels of the whole global batch, counted before cp sharding (cp ranks hold the
+        # same samples, so the sum runs over dp only).
+        local_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        counts = torch.tensor([local_valid], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, group=self.meshes["dp"].get_group())
+        global_valid = max(counts.item(), 1.0)
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            b = self._shard(mb)
+            with self._loss_context():
+                mb_loss = model_loss_sum(self.model, b, self.packing)  # sum over this rank's valid tokens
+                (mb_loss / global_valid).backward()
+            if isinstance(mb_loss, DTensor):  # loss-parallel under TP: replicated over tp
+                mb_loss = mb_loss.full_tensor()
+            loss_sum += mb_loss.detach().to(torch.float64)
+
+        # Global average loss: every rank's sum over dp x cp / the global count, the same
+        # number a run without cp or dp logs. Max: the worst data-parallel group's mean.
+        total = loss_sum.clone()
+        dist.all_reduce(total, group=self.meshes["dp_cp"].get_group())
+        loss = total.item() / global_valid
+        group_loss = loss_sum.clone()
+        dist.all_reduce(group_loss, group=self.meshes["cp"].get_group())
+        group_loss /= max(local_valid, 1)
+        dist.all_reduce(group_loss, op=dist.ReduceOp.MAX, group=self.meshes["dp"].get_group())
+
+        grads_ok = math.isfinite(loss)
+        if not grads_ok and not self.cfg.training.skip_nonfinite_loss:
+            raise FloatingPointError(f"step {self.step + 1}: loss is {loss}; stopping "
+                                     "(set training.skip_nonfinite_loss to skip such steps)")
+        grad_norm = self._clip_grads()
+        if grads_ok:
+            self.optimizer.step()
+        else:
+            logger.warning(f"step {self.step + 1}: loss is {loss}; skipping the optimizer step")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.tokens_seen += int(global_valid)
+        return {"loss": loss, "loss_max": group_loss.item(), "grad_norm": grad_norm}
+
+    def _clip_grads(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.training.max_norm
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):  # a DTensor over the FSDP (and TP) mesh
+            norm = norm.full_tensor()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm.item()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        data_iter = iter(self.dataloader)
+        window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            while self.step < cfg.training.steps:
+                t0 = time.perf_counter()
+                micro_batches = [next(data_iter) for _ in range(self.grad_accum)]
+                data_time += time.perf_counter() - t0
+                out = self.train_step(micro_batches)
+                self.step += 1
+                window_steps += 1
+                if self.step == 1:
+                    set_collective_timeout(cfg.comm.train_timeout_seconds)
+                if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
+                    elapsed = time.perf_counter() - window_start
+                    self._log(out, elapsed, data_time, window_steps)
+                    window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+                if self.checkpointer is not None:
+                    self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            self.metrics.close()
+        logger.info(f"training done: {self.step} steps, {self.tokens_seen:,} tokens")
+
+    def _log(self, out: dict[str, Any], elapsed: float, data_time: float, steps: int) -> None:
+        t = self.cfg.training
+        tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.grad_accum * steps
+        tps = tokens / self.dims.world_size / elapsed  # per device
+        tflops = self.flops_per_token * tps / 1e12
+        m = {"loss": out["loss"], "loss_max": out["loss_max"], "grad_norm": out["grad_norm"],
+             "lr": self.scheduler.get_last_lr()[0], "tps": tps, "tokens_seen": self.tokens_seen,
+             "tflops": tflops if self.device.type == "cuda" else None,
+             "mfu": 100 * tflops / self.peak if self.peak else None,
+             "mem_gib": None, "data_pct": 100 * data_time / elapsed}
+        if self.device.type == "cuda":
+            m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            m["mem_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        self.metrics.log(self.step, m)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, dims = load_and_validate(argv)
+    trainer = Trainer(cfg, dims)
+    try:
+        trainer.train()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

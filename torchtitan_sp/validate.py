@@ -1,0 +1,67 @@
+"""Check a run's configuration before any process group exists.
+
+`python -m torchtitan_sp.validate [args]` (what run_train.sh calls before torchrun, with
+WORLD_SIZE set): exit 0 = launch, 2 = bad input (one line on stderr), 3 = handled here
+(--help or a dry run), nothing to launch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
+from torchtitan_sp.parallel_dims import ParallelDims
+
+EXIT_BAD_INPUT = 2
+EXIT_HANDLED = 3
+
+
+def validate(cfg: Config, world_size: int) -> ParallelDims:
+    """Every cross-key rule; raises ConfigError (or ValueError from a component) with one line."""
+    dims = ParallelDims.from_config(cfg, world_size)
+    dims.validate(cfg)
+    p = cfg.parallelism
+    packing = cfg.training.packing and cfg.training.dataset != "synthetic"
+    if dims.cp > 1:
+        from torchtitan_sp.attention import check_cp_attention
+        from torchtitan_sp.models.llama3 import FLAVORS
+        args = FLAVORS[cfg.model.flavor]
+        check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
+                           p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
+                           packing=packing, load_balance=p.context_parallel_load_balancer == "headtail")
+    if cfg.training.dataset != "synthetic":
+        from torchtitan_sp.data.text import check_data_config
+        check_data_config(cfg)
+    if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
+        raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
+    return dims
+
+
+def load_and_validate(argv: list[str] | None = None, world_size: int | None = None) -> tuple[Config, ParallelDims]:
+    """Parse and validate; on bad input print one line and exit 2 (rank 0 prints)."""
+    argv = sys.argv[1:] if argv is None else argv
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    try:
+        cfg = load_config(argv)
+        return cfg, validate(cfg, world_size)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        sys.exit(EXIT_HANDLED)
+    cfg, dims = load_and_validate(argv)
+    if cfg.job.dry_run:
+        from torchtitan_sp.dry_run import dry_run
+        dry_run(cfg, dims)
+        sys.exit(EXIT_HANDLED)
+
+
+if __name__ == "__main__":
+    main()
