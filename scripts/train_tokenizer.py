@@ -15,6 +15,7 @@ import argparse
 import base64
 import sys
 from pathlib import Path
+from typing import Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere
@@ -38,8 +39,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def train(vocab_size: int) -> list[bytes]:
-    """BPE tokens as raw bytes, in rank order."""
+def train(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with `vocab_size` tokens, all 256 single bytes included."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated"),
@@ -47,10 +48,20 @@ def train(vocab_size: int) -> list[bytes]:
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator((read_text(p) for p in stdlib_files()), trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def bpe_ranks(tok: Tokenizer) -> list[bytes]:
+    """The tokens as raw bytes in rank order: single bytes, then merges in the order learned."""
     to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    merged = sorted((i, s) for s, i in tok.get_vocab().items() if len(s) > 1)  # merge order
+    merged = sorted((i, s) for s, i in tok.get_vocab().items() if len(s) > 1)  # ids follow merge order
     return [bytes([b]) for b in range(256)] + [bytes(to_byte[c] for c in s) for _, s in merged]
+
+
+def write_ranks(tokens: list[bytes], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
 
 
 def main() -> None:
@@ -58,9 +69,8 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=1792, help="BPE ranks (special tokens come on top)")
     ap.add_argument("--output", default=str(REPO_ROOT / "assets/tokenizer/tokenizer.model"))
     args = ap.parse_args()
-    tokens = train(args.vocab_size)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    tokens = bpe_ranks(train((read_text(p) for p in stdlib_files()), args.vocab_size))
+    write_ranks(tokens, Path(args.output))
     print(f"wrote {len(tokens)} ranks to {args.output}")
 
 

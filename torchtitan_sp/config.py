@@ -49,6 +49,8 @@ class Model:
     """Model family (only llama3)."""
     flavor: str = "debug"
     """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
+    n_layers: int = 0
+    """Keep only the first N blocks of the flavor (0 = all): benchmarks and memory checks of a cut model."""
     tokenizer_path: str = "assets/tokenizer/tokenizer.model"
     """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative paths resolve against the repo)."""
 

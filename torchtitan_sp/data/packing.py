@@ -19,9 +19,10 @@ def window_sample(window: list[int], runs: list[int]) -> dict[str, torch.Tensor]
     """A packed sample from seq_len + 1 stream tokens; `runs` are the lengths of the document
     pieces in the window. Positions restart at 0 where each piece starts, so a document continued
     from the previous window counts from 0 again (it cannot see its earlier part anyway)."""
-    w, lengths = torch.tensor(window, dtype=torch.long), torch.tensor(runs, dtype=torch.long)
-    doc = torch.repeat_interleave(torch.arange(len(runs)), lengths)
-    pos = torch.arange(len(window)) - (torch.cumsum(lengths, 0) - lengths)[doc]
+    w, ends = torch.tensor(window, dtype=torch.long), torch.tensor(runs, dtype=torch.long).cumsum(0)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1]])
+    doc = torch.zeros(len(window), dtype=torch.long).index_fill_(0, starts[1:], 1).cumsum(0)
+    pos = torch.arange(len(window)) - starts[doc]
     labels = torch.where(doc[1:] == doc[:-1], w[1:], IGNORE_INDEX)
     return {"tokens": w[:-1], "labels": labels, "positions": pos[:-1], "document_ids": doc[:-1]}
 

@@ -67,6 +67,7 @@ class Tokenizer:
         self.n_words = self.model.n_vocab
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]  # Llama 3.1's padding token
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         """Special-token strings inside `text` encode as ordinary text (data cannot inject them)."""

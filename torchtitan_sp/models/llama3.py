@@ -7,6 +7,7 @@ context-parallel strategies replace.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -52,6 +53,12 @@ FLAVORS: dict[str, ModelArgs] = {
     "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
     "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2),
 }
+
+
+def model_args(flavor: str, n_layers: int = 0) -> ModelArgs:
+    """The flavor's shape, optionally cut to its first `n_layers` blocks."""
+    args = FLAVORS[flavor]
+    return dataclasses.replace(args, n_layers=n_layers) if n_layers else args
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,85 @@
+"""Training throughput of a recipe on this machine: tokens/s, TFLOP/s, MFU and peak memory.
+
+    python scripts/bench_train.py [--steps 10] [--warmup 3] [--out bench.json] [trainer overrides...]
+
+Without overrides on a GPU it runs the issue's benchmark shape: Llama-3-8B cut to 4 blocks (full
+128256 vocabulary), seq 8192, bf16 FSDP2 mixed precision, fused AdamW, per-block compile; on a
+CPU the debug model. One process (torchrun not needed). Steps are timed after warm-up (compile)
+with the device synchronised; the median step time gives tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from torchtitan_sp.config import load_config
+from torchtitan_sp.train import Trainer
+from torchtitan_sp.validate import validate
+
+GPU_DEFAULTS = ["--model.flavor", "8B", "--model.n_layers", "4", "--training.seq_len", "8192",
+                "--training.local_batch_size", "1", "--compile.enable", "true",
+                "--optimizer.implementation", "fused", "--activation_checkpoint.mode", "none"]
+COMMON = ["--training.dataset", "synthetic", "--metrics.enable_tensorboard", "false",
+          "--job.dump_folder", "./outputs/bench_train", "--checkpoint.enable", "false"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args, overrides = ap.parse_known_args()
+    defaults = GPU_DEFAULTS if torch.cuda.is_available() else []
+    argv = [*defaults, *COMMON, *overrides, "--training.steps", str(args.warmup + args.steps)]
+    cfg = load_config(argv)
+    trainer = Trainer(cfg, validate(cfg, world_size=1))
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    data = iter(trainer.dataloader)
+    times, first = [], 0.0
+    for i in range(args.warmup + args.steps):
+        batches = [next(data) for _ in range(trainer.grad_accum)]
+        if i == args.warmup and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        out = trainer.train_step(batches)
+        sync()
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first = dt
+        if i >= args.warmup:
+            times.append(dt)
+    step_s = statistics.median(times)
+    t, a = cfg.training, trainer.model_args
+    tokens = t.local_batch_size * t.seq_len * trainer.grad_accum
+    tps = tokens / step_s
+    n_emb = a.vocab_size * a.dim
+    # Two MFU conventions: TorchTitan's logs (full S x S attention) and the anchors' causal count.
+    flops_full = trainer.flops_per_token
+    flops_causal = 6 * (trainer.n_params - n_emb) + 6 * a.n_layers * a.dim * t.seq_len
+    r = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+         "torch": torch.__version__, "flavor": cfg.model.flavor, "n_layers": a.n_layers, "seq_len": t.seq_len,
+         "compile": cfg.compile.enable, "ac": cfg.activation_checkpoint.mode,
+         "params": trainer.n_params, "step_s": round(step_s, 4), "first_step_s": round(first, 1),
+         "tok_s": round(tps), "loss": round(out["loss"], 4),
+         "tflops": round(flops_full * tps / 1e12, 1), "tflops_causal": round(flops_causal * tps / 1e12, 1)}
+    if trainer.peak:
+        r["mfu_pct"] = round(100 * r["tflops"] / trainer.peak, 1)
+        r["mfu_causal_pct"] = round(100 * r["tflops_causal"] / trainer.peak, 1)
+        r["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(r), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The trainer end to end: FSDP2 parity with one process, AC and compile, run_train.sh, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import free_port, run_distributed
+from tests.trainer_utils import read_metrics, tiny_args, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def losses(metrics: list[dict]) -> list[float]:
+    return [m["loss"] for m in metrics]
+
+
+def assert_close(a: list[float], b: list[float], rtol: float) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rtol * abs(y), (a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    """One process, global batch 4 (what every parallel run below also trains on)."""
+    dump = tmp_path_factory.mktemp("ref")
+    return run_distributed(train, 1, tiny_args(dump, "--training.local_batch_size", "4"))[0]
+
+
+def test_single_process_learns(reference):
+    assert len(reference) == 5
+    assert reference[-1]["loss"] < reference[0]["loss"] - 0.2
+    for key in ("step", "loss", "grad_norm", "lr", "tps", "loss_max", "tokens_seen"):
+        assert key in reference[0]
+    assert reference[-1]["tokens_seen"] == 5 * 4 * 64
+
+
+@pytest.mark.parametrize("world, extra", [
+    (2, ["--training.local_batch_size", "2"]),
+    (4, ["--training.local_batch_size", "1"]),
+    (4, ["--training.local_batch_size", "1", "--parallelism.data_parallel_replicate_degree", "2"]),  # HSDP
+    (2, ["--training.local_batch_size", "1", "--training.global_batch_size", "4"]),  # grad accumulation
+])
+def test_fsdp_matches_single_process(tmp_path, reference, world, extra):
+    metrics = run_distributed(train, world, tiny_args(tmp_path, *extra))[0]
+    assert_close(losses(metrics), losses(reference), 1e-5)
+    assert_close([m["grad_norm"] for m in metrics], [m["grad_norm"] for m in reference], 1e-4)
+    assert metrics[-1]["tokens_seen"] == reference[-1]["tokens_seen"]
+
+
+def test_activation_checkpointing_identical(tmp_path, reference):
+    for mode in (["full"], ["selective", "--activation_checkpoint.selective_ac_option", "op"],
+                 ["selective", "--activation_checkpoint.selective_ac_option", "1"]):
+        m = run_distributed(train, 1, tiny_args(tmp_path / mode[-1], "--training.local_batch_size", "4",
+                                                 "--activation_checkpoint.mode", *mode))[0]
+        assert_close(losses(m), losses(reference), 1e-6)
+
+
+def test_compile_close(tmp_path, reference):
+    m = run_distributed(train, 1, tiny_args(tmp_path, "--training.local_batch_size", "4",
+                                            "--compile.enable", "true", "--training.steps", "3"))[0]
+    assert_close(losses(m), losses(reference)[:3], 1e-4)
+
+
+def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
+    dump = tmp_path / "run"
+    env = {**os.environ, "NGPU": "2"}
+    r = subprocess.run(["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", "12",
+                        "--metrics.log_freq", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step    12" in r.stdout
+    metrics = read_metrics(dump)
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
+    assert all(m["tps"] > 0 and m["grad_norm"] > 0 for m in metrics)
+
+    # The real TensorBoard server over this run's folder, read back through its HTTP data API.
+    port = free_port()
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(dump), "--host", "127.0.0.1",
+                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=tb&tag=loss"
+        deadline, data = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    data = json.loads(resp.read())
+                if len(data) == len(metrics):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert data is not None, "TensorBoard did not answer"
+        assert [int(step) for _, step, _ in data] == [m["step"] for m in metrics]
+        for (_, _, value), m in zip(data, metrics):
+            assert abs(value - m["loss"]) < 1e-4
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)

@@ -1,0 +1,181 @@
+"""Strategy `allgather` (ring-flash-attn "llama3" / Axolotl heads_k_stride): gather K/V, not a ring.
+
+For each group of `heads_k_stride` KV heads, K and V are all-gathered over cp (the next group's gather
+is issued before this group's attention, to overlap), and the query heads that share those KV heads
+attend to the full sequence with the mask their global token indices call for. Only one stride's
+gathered K/V is alive at a time: backward gathers it again and reduce-scatters dK/dV, so memory is
+bounded by the stride, not by the sequence.
+
+Each contiguous run of local queries [g, g+c) sees keys [0, g+c): without documents as two kernel
+blocks merged by log-sum-exp (keys before g in full, keys [g, g+c) causal); with documents as one
+masked SDPA (recomputed in backward) since a document mask needs an explicit mask anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan_sp.attention import torch_cp_compat as compat
+from torchtitan_sp.attention.local import document_causal_mask
+from torchtitan_sp.attention.ulysses import gather_sequence, layout_indices
+
+
+def _runs(rank: int, cp_size: int, local_len: int, headtail: bool) -> list[tuple[int, int, int]]:
+    """(local start, global start, length) of each contiguous run of this rank's tokens."""
+    if not headtail:
+        return [(0, rank * local_len, local_len)]
+    c = local_len // 2
+    return [(0, rank * c, c), (c, (2 * cp_size - 1 - rank) * c, c)]
+
+
+def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
+    """Combine two partial attentions over disjoint keys, in fp32."""
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
+    return out.to(o1.dtype), lse
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]  # expand GQA: masked kernels (CUDA mem-efficient) need equal heads
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask)
+
+
+class _Gathered:
+    """All-gathers one KV-head stride of k and v and returns it in natural token order."""
+
+    def __init__(self, group: dist.ProcessGroup, headtail: bool, seq_len: int, device: torch.device):
+        self.group, self.cp_size = group, dist.get_world_size(group)
+        self.concat = layout_indices(seq_len, range(self.cp_size), self.cp_size, headtail, device)
+        self.natural = torch.argsort(self.concat)
+
+    def issue(self, k: torch.Tensor, v: torch.Tensor, heads: slice) -> torch.Tensor:
+        return funcol.all_gather_tensor(torch.stack([k[:, heads], v[:, heads]]).contiguous(), 0, self.group)
+
+    def wait(self, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full = funcol.wait_tensor(pending)  # (P*2, B, st, S_l, D), rank-major
+        p, (_, b, st, s_l, d) = self.cp_size, full.shape
+        full = full.unflatten(0, (p, 2)).permute(1, 2, 3, 0, 4, 5).reshape(2, b, st, p * s_l, d)
+        k, v = full.index_select(3, self.natural).unbind(0)
+        return k, v
+
+    def reduce_scatter(self, dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+        """(B, st, S, D) full-sequence gradients summed over ranks -> this rank's (2, B, st, S_l, D)."""
+        p = self.cp_size
+        d = torch.stack([dk, dv]).index_select(3, self.concat)
+        d = d.unflatten(3, (p, -1)).permute(3, 0, 1, 2, 4, 5).flatten(0, 1).contiguous()
+        return funcol.wait_tensor(funcol.reduce_scatter_tensor(d, "sum", 0, self.group))
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None,
+                group: dist.ProcessGroup, headtail: bool, stride: int) -> torch.Tensor:
+        rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
+        gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
+        runs = _runs(rank, cp_size, q.shape[2], headtail)
+        q_per_kv = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        strides = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
+        pending = gathered.issue(k, v, strides[0])
+        for i, kv_heads in enumerate(strides):
+            kf, vf = gathered.wait(pending)
+            if i + 1 < len(strides):
+                pending = gathered.issue(k, v, strides[i + 1])
+            qh = slice(kv_heads.start * q_per_kv, kv_heads.stop * q_per_kv)
+            for start, gstart, n in runs:
+                qc = q[:, qh, start:start + n]
+                if docs is None:
+                    o, l = compat.attn_fwd(qc, kf[:, :, gstart:gstart + n], vf[:, :, gstart:gstart + n], True)
+                    if gstart > 0:
+                        o, l = _merge(o, l, *compat.attn_fwd(qc, kf[:, :, :gstart], vf[:, :, :gstart], False))
+                    lse[:, qh, start:start + n] = l
+                else:
+                    mask = _run_mask(docs, gstart, n)
+                    o = _masked_attention(qc, kf[:, :, :gstart + n], vf[:, :, :gstart + n], mask)
+                out[:, qh, start:start + n] = o
+        ctx.save_for_backward(q, k, v, out, lse, docs)
+        ctx.setup = (group, headtail, stride)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, docs = ctx.saved_tensors
+        group, headtail, stride = ctx.setup
+        rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
+        gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
+        runs = _runs(rank, cp_size, q.shape[2], headtail)
+        q_per_kv = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        strides = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
+        pending = gathered.issue(k, v, strides[0])
+        for i, kv_heads in enumerate(strides):
+            kf, vf = gathered.wait(pending)
+            if i + 1 < len(strides):
+                pending = gathered.issue(k, v, strides[i + 1])
+            qh = slice(kv_heads.start * q_per_kv, kv_heads.stop * q_per_kv)
+            # fp32 accumulation: the head and tail runs both write into the early keys.
+            dkf, dvf = (torch.zeros(kf.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+            for start, gstart, n in runs:
+                qc, doc = q[:, qh, start:start + n], dout[:, qh, start:start + n]
+                if docs is None:
+                    oc, lc = out[:, qh, start:start + n], lse[:, qh, start:start + n]
+                    diag = slice(gstart, gstart + n)
+                    dqc, dkc, dvc = compat.attn_bwd(doc, qc, kf[:, :, diag], vf[:, :, diag], oc, lc, True)
+                    dkf[:, :, diag] += dkc
+                    dvf[:, :, diag] += dvc
+                    if gstart > 0:
+                        dqp, dkp, dvp = compat.attn_bwd(doc, qc, kf[:, :, :gstart], vf[:, :, :gstart], oc, lc, False)
+                        dqc = dqc + dqp
+                        dkf[:, :, :gstart] += dkp
+                        dvf[:, :, :gstart] += dvp
+                else:  # recompute the masked block and differentiate it
+                    seen = slice(0, gstart + n)
+                    with torch.enable_grad():
+                        leaves = [t.detach().requires_grad_() for t in (qc, kf[:, :, seen], vf[:, :, seen])]
+                        o = _masked_attention(*leaves, _run_mask(docs, gstart, n))
+                        dqc, dkc, dvc = torch.autograd.grad(o, leaves, doc)
+                    dkf[:, :, seen] += dkc
+                    dvf[:, :, seen] += dvc
+                dq[:, qh, start:start + n] = dqc
+            dk[:, kv_heads], dv[:, kv_heads] = gathered.reduce_scatter(dkf, dvf).to(k.dtype).unbind(0)
+        return dq, dk, dv, None, None, None, None
+
+
+def _run_mask(docs: torch.Tensor, gstart: int, n: int) -> torch.Tensor:
+    """(B, 1, n, gstart+n) mask of queries [gstart, gstart+n) over keys [0, gstart+n)."""
+    q_pos = torch.arange(gstart, gstart + n, device=docs.device).expand(docs.shape[0], -1)
+    kv_pos = torch.arange(gstart + n, device=docs.device).expand(docs.shape[0], -1)
+    return document_causal_mask(docs[:, gstart:gstart + n], docs[:, :gstart + n], q_pos, kv_pos)
+
+
+class AllGatherAttention(nn.Module):
+    """Drop-in for LocalAttention: q (B, H, S/P, D), k and v (B, Hkv, S/P, D) on each cp rank."""
+
+    def __init__(self, group: dist.ProcessGroup, load_balance: bool, heads_k_stride: int = 1):
+        super().__init__()
+        self.group, self.load_balance, self.heads_k_stride = group, load_balance, heads_k_stride
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if k.shape[1] % self.heads_k_stride:
+            raise ValueError(f"parallelism.heads_k_stride: {self.heads_k_stride} does not divide "
+                             f"the {k.shape[1]} KV heads")
+        docs = None
+        if document_ids is not None:  # natural order, full sequence
+            gathered = gather_sequence(document_ids, self.group)
+            seq_len = gathered.shape[1]
+            concat = layout_indices(seq_len, range(dist.get_world_size(self.group)),
+                                    dist.get_world_size(self.group), self.load_balance, gathered.device)
+            docs = gathered.index_select(1, torch.argsort(concat))
+        return _AllGatherAttention.apply(q, k, v, docs, self.group, self.load_balance, self.heads_k_stride)
+
+    def extra_repr(self) -> str:
+        return f"heads_k_stride={self.heads_k_stride}, load_balance={self.load_balance}"
