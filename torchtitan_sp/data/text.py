@@ -74,7 +74,9 @@ def resolve_files(pattern: str) -> list[Path]:
         matches = [Path(m) for m in glob.glob(expanded, recursive=True)]
     else:
         path = resolve_repo_path(pattern)
-        matches = [path] if path.exists() else []
+        if not path.exists():
+            raise ValueError(f"training.dataset_path: no such file or folder: {pattern}")
+        matches = [path]
     files = set()
     for m in matches:
         if m.is_dir():
@@ -251,16 +253,26 @@ class TextDataset(IterableDataset):
         self.offset = int(state["offset"])
 
 
-def build_text_dataset(cfg: Config, dp_rank: int, dp_size: int) -> TextDataset:
-    """The `stdlib` or `files` dataset; bad input raises a one-line ValueError naming the key and file."""
-    t = cfg.training
+def _checked_inputs(cfg: Config) -> tuple[Tokenizer, list[Path], str]:
+    """The tokenizer, the corpus files and the config key that names them, all checked."""
     path = resolve_repo_path(cfg.model.tokenizer_path)
     tokenizer = Tokenizer(path)
     check_tokenizer_vocab(tokenizer.n_words, FLAVORS[cfg.model.flavor].vocab_size, str(path))
-    if t.dataset == "stdlib":
-        files, key = stdlib_files(), "training.dataset"
-    else:
-        files, key = resolve_files(t.dataset_path), "training.dataset_path"
-        for f in files:
-            check_file(f)
+    if cfg.training.dataset == "stdlib":
+        return tokenizer, stdlib_files(), "training.dataset"
+    files = resolve_files(cfg.training.dataset_path)
+    for f in files:
+        check_file(f)
+    return tokenizer, files, "training.dataset_path"
+
+
+def check_data_config(cfg: Config) -> None:
+    """The start-up checks of build_text_dataset, run before any process starts (validate.py)."""
+    _checked_inputs(cfg)
+
+
+def build_text_dataset(cfg: Config, dp_rank: int, dp_size: int) -> TextDataset:
+    """The `stdlib` or `files` dataset; bad input raises a one-line ValueError naming the key and file."""
+    tokenizer, files, key = _checked_inputs(cfg)
+    t = cfg.training
     return TextDataset(Corpus(files, cfg.debug.seed, dp_rank, dp_size, key), tokenizer, t.seq_len, t.packing)
