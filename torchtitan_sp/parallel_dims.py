@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_sp.config import Config, ConfigError
@@ -49,15 +50,25 @@ class ParallelDims:
         """Rules that combine the degrees with the model and the data."""
         args = FLAVORS[cfg.model.flavor]
         t, p = cfg.training, cfg.parallelism
+        # the model's constraint first: no seq_len fixes a tp that cannot split the heads
+        if args.n_heads % self.tp or args.n_kv_heads % self.tp:
+            raise ConfigError(
+                f"parallelism.tensor_parallel_degree {self.tp} must divide the model's heads "
+                f"(n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads} for flavor {cfg.model.flavor})")
         headtail = self.cp > 1 and p.context_parallel_load_balancer == "headtail"
         multiple = (2 * self.cp if headtail else self.cp) * self.tp
         if t.seq_len % multiple:
             need = f"2 x cp x tp = 2 x {self.cp} x {self.tp}" if headtail else f"cp x tp = {self.cp} x {self.tp}"
             raise ConfigError(f"training.seq_len {t.seq_len} is not divisible by {need} = {multiple}")
-        if args.n_heads % self.tp or args.n_kv_heads % self.tp:
-            raise ConfigError(
-                f"parallelism.tensor_parallel_degree {self.tp} must divide the model's heads "
-                f"(n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads} for flavor {cfg.model.flavor})")
+        if p.enable_async_tensor_parallel:
+            if self.tp == 1:
+                raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1")
+            if not cfg.compile.enable:
+                raise ConfigError("parallelism.enable_async_tensor_parallel needs compile.enable = true "
+                                  "(inductor overlaps the TP collectives with the matmuls)")
+            if not torch.cuda.is_available():
+                raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs (symmetric memory); "
+                                  "none are visible here")
         gbs = t.global_batch_size
         if gbs != -1:
             per_step = t.local_batch_size * self.dp

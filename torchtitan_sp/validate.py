@@ -29,7 +29,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
-                           packing=packing, load_balance=p.context_parallel_load_balancer == "headtail")
+                           packing=packing, load_balance=p.context_parallel_load_balancer == "headtail",
+                           rotate_method=p.context_parallel_rotate_method)
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config
         check_data_config(cfg)

@@ -44,6 +44,9 @@ def check_cp_attention(strategy: str, cp_degree: int, ulysses_degree: int, heads
                          f"{' | '.join(ROTATE_METHODS)}")
     if cp_degree < 1:
         raise ValueError(f"parallelism.context_parallel_degree: must be >= 1, got {cp_degree}")
+    if n_heads < 1 or n_kv_heads < 1:
+        raise ValueError(f"model: {n_heads} query / {n_kv_heads} KV heads per rank; tensor parallelism "
+                         f"cannot split the heads below one per rank")
     if n_heads % n_kv_heads:
         raise ValueError(f"model: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     if strategy != "usp" and ulysses_degree != 1:

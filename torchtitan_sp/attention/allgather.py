@@ -23,7 +23,7 @@ from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
 from torchtitan_sp.attention.local import document_causal_mask
-from torchtitan_sp.attention.ulysses import gather_sequence, layout_indices
+from torchtitan_sp.attention.ulysses import exchange_order, gather_sequence, layout_indices
 
 
 def _runs(rank: int, cp_size: int, local_len: int, headtail: bool) -> list[tuple[int, int, int]]:
@@ -34,7 +34,8 @@ def _runs(rank: int, cp_size: int, local_len: int, headtail: bool) -> list[tuple
     return [(0, rank * c, c), (c, (2 * cp_size - 1 - rank) * c, c)]
 
 
-def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
+def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor,
+           l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint keys, in fp32."""
     lse = torch.logaddexp(l1, l2)
     out = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
@@ -51,26 +52,30 @@ class _Gathered:
     """All-gathers one KV-head stride of k and v and returns it in natural token order."""
 
     def __init__(self, group: dist.ProcessGroup, headtail: bool, seq_len: int, device: torch.device):
-        self.group, self.cp_size = group, dist.get_world_size(group)
+        self.group, self.cp_size, self.headtail = group, dist.get_world_size(group), headtail
         self.concat = layout_indices(seq_len, range(self.cp_size), self.cp_size, headtail, device)
         self.natural = torch.argsort(self.concat)
 
     def issue(self, k: torch.Tensor, v: torch.Tensor, heads: slice) -> torch.Tensor:
-        return funcol.all_gather_tensor(torch.stack([k[:, heads], v[:, heads]]).contiguous(), 0, self.group)
+        return compat.all_gather_single(torch.stack([k[:, heads], v[:, heads]]).contiguous(), 0, self.group)
 
     def wait(self, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         full = funcol.wait_tensor(pending)  # (P*2, B, st, S_l, D), rank-major
         p, (_, b, st, s_l, d) = self.cp_size, full.shape
         full = full.unflatten(0, (p, 2)).permute(1, 2, 3, 0, 4, 5).reshape(2, b, st, p * s_l, d)
-        k, v = full.index_select(3, self.natural).unbind(0)
+        if self.headtail:  # head-tail shards concatenated by rank permute the tokens; contiguous ones don't
+            full = full.index_select(3, self.natural)
+        k, v = full.unbind(0)
         return k, v
 
     def reduce_scatter(self, dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
         """(B, st, S, D) full-sequence gradients summed over ranks -> this rank's (2, B, st, S_l, D)."""
         p = self.cp_size
-        d = torch.stack([dk, dv]).index_select(3, self.concat)
+        d = torch.stack([dk, dv])
+        if self.headtail:
+            d = d.index_select(3, self.concat)
         d = d.unflatten(3, (p, -1)).permute(3, 0, 1, 2, 4, 5).flatten(0, 1).contiguous()
-        return funcol.wait_tensor(funcol.reduce_scatter_tensor(d, "sum", 0, self.group))
+        return funcol.wait_tensor(compat.reduce_scatter_single(d, "sum", 0, self.group))
 
 
 class _AllGatherAttention(torch.autograd.Function):
@@ -163,18 +168,20 @@ class AllGatherAttention(nn.Module):
         super().__init__()
         self.group, self.load_balance, self.heads_k_stride = group, load_balance, heads_k_stride
 
+    # Runs eagerly inside compiled blocks: tracing the Function gains nothing (its work is aten
+    # kernels and collectives), costs long compiles and breaks on autograd.grad in backward.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if k.shape[1] % self.heads_k_stride:
             raise ValueError(f"parallelism.heads_k_stride: {self.heads_k_stride} does not divide "
                              f"the {k.shape[1]} KV heads")
         docs = None
-        if document_ids is not None:  # natural order, full sequence
-            gathered = gather_sequence(document_ids, self.group)
-            seq_len = gathered.shape[1]
-            concat = layout_indices(seq_len, range(dist.get_world_size(self.group)),
-                                    dist.get_world_size(self.group), self.load_balance, gathered.device)
-            docs = gathered.index_select(1, torch.argsort(concat))
+        if document_ids is not None:  # every rank's ids, in natural token order
+            docs = gather_sequence(document_ids, self.group)
+            if self.load_balance:
+                cp = dist.get_world_size(self.group)
+                docs = docs.index_select(1, exchange_order(docs.shape[1], cp, 0, 1, True, docs.device)[0])
         return _AllGatherAttention.apply(q, k, v, docs, self.group, self.load_balance, self.heads_k_stride)
 
     def extra_repr(self) -> str:

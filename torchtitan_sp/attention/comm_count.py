@@ -94,7 +94,11 @@ class CommCounter(TorchDispatchMode):
 
 
 def formula_elements(strategy: str, dim: int, kv_dim: int, seq_len: int, cp: int, ulysses: int = 1) -> float:
-    """Forward elements sent per rank per layer, from DESIGN.md (d = dim, d_kv = kv_dim)."""
+    """Forward elements sent per rank per layer, from DESIGN.md (d = dim, d_kv = kv_dim).
+
+    For Ulysses degrees above the KV head count the KV heads are replicated before the all-to-all:
+    pass kv_dim = u * head_dim then.
+    """
     if strategy in ("ring", "allgather"):
         return 2 * kv_dim * seq_len * (cp - 1) / cp
     if strategy == "ulysses":

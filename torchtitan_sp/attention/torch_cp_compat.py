@@ -1,6 +1,6 @@
 """The private torch surfaces context parallelism relies on, in one version-guarded place.
 
-Two things live here and nowhere else:
+What lives here and nowhere else:
 - torch's ring-attention machinery (`_templated_ring_attention(_backward)`, `_cp_options`), whose
   module moved from `experimental._attention` (2.11) to `experimental._context_parallel` (2.13);
 - the per-block SDPA kernels that return the log-sum-exp a ring needs. As shipped, torch's ring
@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
 try:  # torch >= 2.12
@@ -26,8 +27,12 @@ except ImportError:  # torch 2.11
 TESTED_TORCH = ((2, 11), (2, 13))
 _version = tuple(int(p) for p in torch.__version__.split(".")[:2])
 if not TESTED_TORCH[0] <= _version <= TESTED_TORCH[1]:
-    warnings.warn(f"torchtitan_sp context parallelism uses private torch APIs tested on torch "
-                  f"2.11..2.13, not {torch.__version__}", stacklevel=2)
+    warnings.warn(f"torchtitan_sp context parallelism uses private torch APIs written for torch "
+                  f"2.11..2.13 (tested on 2.11 and 2.13), not {torch.__version__}", stacklevel=2)
+
+# Functional collectives renamed in 2.13 (the *_tensor names now warn); same signatures.
+all_gather_single = getattr(funcol, "all_gather_single", funcol.all_gather_tensor)
+reduce_scatter_single = getattr(funcol, "reduce_scatter_single", funcol.reduce_scatter_tensor)
 
 templated_ring_attention = _cp._templated_ring_attention
 templated_ring_attention_backward = _cp._templated_ring_attention_backward
@@ -64,25 +69,15 @@ def _cuda_kernel() -> str:
     return "flash"
 
 
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    groups = n_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _reduce_kv_grad(dx: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    groups = dx.shape[1] // n_kv_heads
-    return dx if groups == 1 else dx.unflatten(1, (n_kv_heads, groups)).sum(2)
-
-
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention block: out (B, H, Sq, D) and lse (B, H, Sq) in fp32. k, v may have fewer heads
-    (GQA); is_causal is top-left aligned (used only on square diagonal blocks)."""
-    if q.device.type == "cpu":  # native GQA
+    (GQA: all three kernels take it natively, so K/V are never expanded); is_causal is top-left
+    aligned (used only on square diagonal blocks)."""
+    if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)
         return out, lse.float()
-    n_heads = q.shape[1]
-    q, k, v = q.contiguous(), _expand_kv(k, n_heads).contiguous(), _expand_kv(v, n_heads).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if _cuda_kernel() == "cudnn":
         out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False)[:2]
         return out, lse.reshape(out.shape[:3]).float()
@@ -96,18 +91,15 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if q.device.type == "cpu":
         return tuple(aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, is_causal))
-    n_heads, n_kv = q.shape[1], k.shape[1]
-    q, kx, vx = q.contiguous(), _expand_kv(k, n_heads).contiguous(), _expand_kv(v, n_heads).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
-    sq, sk = q.shape[2], kx.shape[2]
+    sq, sk = q.shape[2], k.shape[2]
     rng = torch.empty((), dtype=torch.int64, device=q.device)  # philox state: unused without dropout
     if _cuda_kernel() == "cudnn":
-        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, kx, vx, out, lse.unsqueeze(-1), rng, rng, None, None, None, sq, sk, 0.0, is_causal)
-    else:
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, kx, vx, out, lse, None, None, sq, sk, 0.0, is_causal, rng, rng)
-    return dq, _reduce_kv_grad(dk, n_kv), _reduce_kv_grad(dv, n_kv)
+        return tuple(aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, sq, sk, 0.0, is_causal))
+    return tuple(aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, sq, sk, 0.0, is_causal, rng, rng))
 
 
 def ring_block_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -3,8 +3,8 @@
 torch's `_templated_ring_attention(_backward)` does the schedule (head-tail aware), the K/V rotation
 (all-gather or all-to-all), the fp32 LSE merge and a backward that rotates K/V again, so every step's
 gradient uses that step's own K/V. We call it directly from an autograd.Function instead of going
-through the DTensor dispatcher: no DTensor wrapping, K/V travel with their Hkv heads (GQA is expanded
-per block inside the kernel adapter), and the rotate/load-balance options are scoped to this module.
+through the DTensor dispatcher: no DTensor wrapping, K/V travel with their Hkv heads (every block
+kernel takes GQA natively), and the rotate/load-balance options are scoped to this module.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# Dynamo cannot trace torch's ring merger inside an autograd.Function (torch 2.13: "intermediate
+# tensor 'lse' ... aliases an input or output"), so a compiled block runs the ring eagerly.
+@torch.compiler.disable
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
                    rotate_method: str, load_balance: bool) -> torch.Tensor:
     """Causal ring attention over `group`; the local sequence is in head-tail layout iff load_balance."""

@@ -13,13 +13,12 @@ u / Hkv times so that every rank receives one whole KV head for its query heads.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from torchtitan_sp.attention import torch_cp_compat as compat
 from torchtitan_sp.attention.local import LocalAttention
 from torchtitan_sp.attention.sharding import shard_indices
 
@@ -57,11 +56,10 @@ def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """(B, S_l) per rank -> (B, u*S_l), shards concatenated in rank order (no gradient)."""
     u = dist.get_world_size(group)
-    full = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, group))  # (u*B, S_l)
+    full = funcol.wait_tensor(compat.all_gather_single(x.contiguous(), 0, group))  # (u*B, S_l)
     return full.unflatten(0, (u, x.shape[0])).movedim(0, 1).reshape(x.shape[0], -1)
 
 
-@functools.lru_cache(maxsize=32)
 def exchange_order(seq_len: int, u: int, ring_rank: int, ring_size: int, headtail: bool,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token reorderings around the all-to-all of Ulysses group `ring_rank` (cp ranks
@@ -84,35 +82,37 @@ class UlyssesExchange:
         self.group, self.ring_rank, self.ring_size, self.headtail = group, ring_rank, ring_size, headtail
         self.u = dist.get_world_size(group)
 
-    def _order(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = local_len * self.u * self.ring_size
-        return exchange_order(seq_len, self.u, self.ring_rank, self.ring_size, self.headtail, device)
+    def _reorder(self, x: torch.Tensor, local_len: int, dim: int, inverse: bool = False) -> torch.Tensor:
+        """Gathered (rank-concatenated) tokens along `dim` -> target order, or back with inverse."""
+        if not self.headtail:  # contiguous shards of one group concatenate in target order already
+            return x
+        to_target, from_target = exchange_order(local_len * self.u * self.ring_size, self.u, self.ring_rank,
+                                                self.ring_size, self.headtail, x.device)
+        return x.index_select(dim, from_target if inverse else to_target)
 
     def scatter_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       document_ids: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sequence-sharded q, k, v (and document ids) -> head-sharded ones over the target tokens."""
-        u, n_heads, n_kv = self.u, q.shape[1], k.shape[1]
+        u, n_heads, n_kv, local_len = self.u, q.shape[1], k.shape[1], q.shape[2]
         kv_heads = max(n_kv, u)  # u > Hkv: replicate so every rank gets one whole KV head
         if n_heads % u or kv_heads % u or kv_heads % n_kv:
             raise ValueError(f"ulysses degree {u} needs n_heads ({n_heads}) divisible by it and "
                              f"n_kv_heads ({n_kv}) to divide or be divisible by it")
-        to_target, _ = self._order(q.shape[2], q.device)
         k = k.repeat_interleave(kv_heads // n_kv, dim=1)
         v = v.repeat_interleave(kv_heads // n_kv, dim=1)
         # One all-to-all for q, k and v: per destination, its query heads then its KV heads.
         qkv = torch.cat([t.unflatten(1, (u, -1)) for t in (q, k, v)], dim=2).flatten(1, 2)
-        qkv = seq_to_heads(qkv, self.group).index_select(2, to_target)
+        qkv = self._reorder(seq_to_heads(qkv, self.group), local_len, dim=2)
         q, k, v = qkv.split([n_heads // u, kv_heads // u, kv_heads // u], dim=1)
         docs = None
         if document_ids is not None:
-            docs = gather_sequence(document_ids, self.group).index_select(1, to_target)
+            docs = self._reorder(gather_sequence(document_ids, self.group), local_len, dim=1)
         return q, k, v, docs
 
     def gather_sequence(self, out: torch.Tensor) -> torch.Tensor:
         """Head-sharded output over the target tokens -> this rank's sequence shard, all heads."""
-        _, from_target = self._order(out.shape[2] // self.u, out.device)
-        return heads_to_seq(out.index_select(2, from_target), self.group)
+        return heads_to_seq(self._reorder(out, out.shape[2] // self.u, dim=2, inverse=True), self.group)
 
 
 class UlyssesAttention(nn.Module):

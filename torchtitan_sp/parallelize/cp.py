@@ -26,6 +26,8 @@ def apply_cp(model: Transformer, cp_mesh: DeviceMesh, p: Parallelism) -> None:
             rotate_method=p.context_parallel_rotate_method,
             ulysses_degree=p.context_parallel_ulysses_degree,
             heads_k_stride=p.heads_k_stride,
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+            # the heads this rank's attention sees: tensor parallelism splits them first
+            n_heads=args.n_heads // p.tensor_parallel_degree,
+            n_kv_heads=args.n_kv_heads // p.tensor_parallel_degree)
     logger.info(f"context parallel: {p.context_parallel_strategy} over cp={cp_mesh.size()}, "
                 f"load balancer {p.context_parallel_load_balancer}")

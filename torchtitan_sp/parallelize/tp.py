@@ -14,13 +14,32 @@ import warnings
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch import nn
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
 from torchtitan_sp.models.llama3 import Transformer
 
 logger = logging.getLogger(__name__)
+
+
+class _SyncRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel whose reduce-scatter completes before the output leaves the module.
+
+    Stock RowwiseParallel returns an AsyncCollectiveTensor. Passed from eager code (the
+    embedding) into a torch.compile'd block, on torch 2.13 the compiled backward returns no
+    gradient for it, and the embedding's backward then fails with "'Tensor' object has no
+    attribute '_local_tensor'". A plain tensor keeps the gradient; inside compiled blocks
+    inductor schedules the collectives anyway, so only this eager boundary needs it.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts: tuple[Placement, ...], use_local_output: bool, mod: nn.Module,
+                           outputs: DTensor, device_mesh: DeviceMesh) -> torch.Tensor:
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async_tp: bool) -> None:
@@ -36,7 +55,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
     parallelize_module(model, tp_mesh, {
         # Tokens are the same on every tp rank; each rank looks up its vocabulary rows and the
         # partial sums are reduce-scattered over the sequence.
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "tok_embeddings": _SyncRowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1),
                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
@@ -67,10 +86,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
 
 def enable_async_tp(tp_mesh: DeviceMesh) -> None:
     """Let inductor fuse the TP all-gather/reduce-scatter with the neighbouring matmuls
-    (micro-pipelining over symmetric memory). Needs CUDA and torch.compile of the blocks."""
-    if tp_mesh.device_type != "cuda":
-        raise ValueError("parallelism.enable_async_tensor_parallel needs CUDA GPUs (symmetric memory); "
-                         "this run is on " + tp_mesh.device_type)
+    (micro-pipelining over symmetric memory). Needs CUDA and torch.compile of the blocks,
+    which validation checks (ParallelDims.validate)."""
     import torch._inductor.config
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 

@@ -1,0 +1,54 @@
+"""Summary table of scripts/gpu_check.sh's results: python scripts/gpu_summary.py OUT_DIR."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(out: Path, name: str) -> dict | None:
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def main(out: Path) -> None:
+    rows = []
+    ours, tt = load(out, "ours_s8192.json"), load(out, "anchor_torchtitan.json")
+    if ours:
+        rows.append(("train 8B/4 layers S=8192 (ours, compiled)",
+                     f"{ours['tok_s']:,} tok/s, MFU {ours.get('mfu_causal_pct')}% (causal count), "
+                     f"peak {ours.get('peak_mem_gib')} GiB"))
+    if tt:
+        key = "tt_compiled_tok_s" if "tt_compiled_tok_s" in tt else "tt_eager_tok_s"
+        rows.append(("train 8B/4 layers S=8192 (TorchTitan 0.2.2)", f"{tt[key]:,} tok/s ({key})"))
+        if ours:
+            rows.append(("ratio ours / TorchTitan (same card, same call)", f"{ours['tok_s'] / tt[key]:.3f}"))
+    bs2 = load(out, "ours_s8192_bs2.json")
+    if bs2:
+        rows.append(("train 8B/4 layers S=8192, 2 sequences per step (ours)", f"{bs2['tok_s']:,} tok/s"))
+    long = load(out, "ours_s262144.json")
+    if long:
+        rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
+                     f"{long['tok_s']:,} tok/s, peak {long.get('peak_mem_gib')} GiB, loss {long['loss']}"))
+    mem = load(out, "memory.json")
+    if mem:
+        rows.append(("estimated vs measured peak memory", json.dumps(mem)[:300]))
+    cp = load(out, "cp_attention.json")
+    if cp and "full_sequence" in cp:
+        full = cp["full_sequence"]["tflops_fwd_bwd"]
+        for r in cp.get("ring", []):
+            rows.append((f"ring attention S={cp['shape']['seq_len']:,} P={r['cp']} headtail={r['headtail']}",
+                         f"{r['tflops_per_rank_fwd_bwd']:.0f} TFLOP/s per rank = {r['tflops_per_rank_fwd_bwd'] / full:.2f}"
+                         f" of full attention ({full:.0f})"))
+    for name in sorted(out.glob("*.log")):
+        text = name.read_text(errors="replace").strip()
+        if "Traceback" in text:
+            rows.append((f"{name.stem}: FAILED", text.splitlines()[-1][:200]))
+    print("| check | result |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,100 @@
+"""Strategies inside the Llama 3 model, on a cp sub-mesh of a dp x cp mesh, eager and compiled.
+
+One 4-process launch: mesh (dp 2, cp 2), each dp replica with its own data, so a strategy that
+talks across replicas (wrong sub-groups) fails.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from tests.dist_utils import run_distributed
+from torchtitan_sp.attention import build_cp_attention
+from torchtitan_sp.attention.sharding import shard_sequence, unshard_sequence
+from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights
+
+TOL = 1e-5
+# (strategy, ulysses degree, packed documents, compile backend or None)
+SETUPS = [
+    ("ring", 1, False, None),
+    ("ulysses", 1, True, None),
+    ("allgather", 1, True, None),
+    ("usp", 2, False, None),  # u = cp: a one-rank ring
+    ("usp", 1, False, None),  # u = 1: a ring over the ring sub-group
+    # Each block compiled, as the trainer does; aot_eager runs Dynamo and AOTAutograd (where
+    # tracing fails) without inductor's codegen. ring runs eagerly inside (torch.compiler.disable).
+    ("ring", 1, False, "aot_eager"),
+    ("ulysses", 1, True, "aot_eager"),
+]
+
+
+def _name(setup: tuple) -> str:
+    strategy, u, docs, backend = setup
+    return f"{strategy}-u{u}" + ("-docs" if docs else "") + (f"-compiled_{backend}" if backend else "")
+
+
+def _batch(seed: int, seq_len: int, vocab: int, docs: bool):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(vocab, (2, seq_len), generator=gen)
+    if not docs:
+        return tokens, torch.arange(seq_len).expand(2, -1), None
+    starts = torch.rand(2, seq_len, generator=gen) < 0.1
+    starts[:, 0] = True
+    doc_ids = torch.cumsum(starts.long(), 1) - 1
+    idx = torch.arange(seq_len).expand(2, -1)
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return tokens, idx - first, doc_ids  # positions restart at each document
+
+
+def _worker(rank: int, world: int) -> dict[str, float]:
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    cp_mesh, cp_rank, dp_rank = mesh["cp"], mesh["cp"].get_local_rank(), mesh["dp"].get_local_rank()
+    args = FLAVORS["debug"]
+    args = type(args)(**{**args.__dict__, "n_layers": 1})
+    seq_len, results = 32, {}
+    for setup in SETUPS:
+        strategy, u, docs, backend = setup
+        tokens, positions, doc_ids = _batch(100 + dp_rank, seq_len, args.vocab_size, docs)
+        ref_model = Transformer(args)
+        init_weights(ref_model, seed=0)
+        ref = ref_model(tokens, positions, doc_ids)
+        ref.square().mean().backward()
+
+        model = Transformer(args)
+        init_weights(model, seed=0)
+        for name, block in model.layers.items():
+            block.attention.inner_attention = build_cp_attention(
+                strategy, cp_mesh, load_balance=True, ulysses_degree=u, n_heads=args.n_heads,
+                n_kv_heads=args.n_kv_heads)
+            if backend:
+                model.layers[name] = torch.compile(block, backend=backend)
+        shard = functools.partial(shard_sequence, cp_rank=cp_rank, cp_size=2, headtail=True, dim=1)
+        out = model(shard(tokens), shard(positions), None if doc_ids is None else shard(doc_ids))
+        # The loss is a mean over the whole sequence: each cp rank's part is its sum / all tokens.
+        (out.square().sum() / ref.numel()).backward()
+        parts = [torch.empty_like(out) for _ in range(2)]
+        dist.all_gather(parts, out.detach().contiguous(), group=cp_mesh.get_group())
+        logits_err = ((unshard_sequence(parts, True, dim=1) - ref).abs().max() / ref.abs().max()).item()
+        grad_err = 0.0
+        for (name, p), (_, p_ref) in zip(model.named_parameters(), ref_model.named_parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g, group=cp_mesh.get_group())  # gradients of the cp ranks' token shares
+            grad_err = max(grad_err, ((g - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item())
+        results[_name(setup)] = max(logits_err, grad_err)
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> list[dict[str, float]]:
+    return run_distributed(_worker, 4)
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=_name)
+def test_model_matches_single_process(setup: tuple) -> None:
+    for rank, res in enumerate(_results()):
+        assert res[_name(setup)] <= TOL, f"rank {rank}: {res[_name(setup)]:.2e}"
