@@ -24,7 +24,8 @@ from torchtitan_sp.validate import validate
 
 GPU_DEFAULTS = ["--model.flavor", "8B", "--model.n_layers", "4", "--training.seq_len", "8192",
                 "--training.local_batch_size", "1", "--compile.enable", "true",
-                "--optimizer.implementation", "fused", "--activation_checkpoint.mode", "none"]
+                "--optimizer.implementation", "fused", "--activation_checkpoint.mode", "none",
+                "--optimizer.lr", "3e-4", "--lr_scheduler.warmup_steps", "200"]  # as the TorchTitan anchor
 COMMON = ["--training.dataset", "synthetic", "--metrics.enable_tensorboard", "false",
           "--job.dump_folder", "./outputs/bench_train", "--checkpoint.enable", "false"]
 

@@ -1,4 +1,4 @@
-"""Summary table of scripts/gpu_check.sh's results: python scripts/gpu_summary.py OUT_DIR."""
+"""Summary table of scripts/gpu_check.sh's results: python scripts/gpu_summary.py OUT_DIR LOG_DIR."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def load(out: Path, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def main(out: Path) -> None:
+def main(out: Path, logs: Path) -> None:
     rows = []
     ours, tt = load(out, "ours_s8192.json"), load(out, "anchor_torchtitan.json")
     if ours:
@@ -41,7 +41,7 @@ def main(out: Path) -> None:
             rows.append((f"ring attention S={cp['shape']['seq_len']:,} P={r['cp']} headtail={r['headtail']}",
                          f"{r['tflops_per_rank_fwd_bwd']:.0f} TFLOP/s per rank = {r['tflops_per_rank_fwd_bwd'] / full:.2f}"
                          f" of full attention ({full:.0f})"))
-    for name in sorted(out.glob("*.log")):
+    for name in sorted(logs.glob("*.log")):
         text = name.read_text(errors="replace").strip()
         if "Traceback" in text:
             rows.append((f"{name.stem}: FAILED", text.splitlines()[-1][:200]))
@@ -51,4 +51,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

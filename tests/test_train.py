@@ -105,3 +105,15 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def test_run_train_sh_on_default_corpus(tmp_path):
+    """30 steps on the embedded corpus (this interpreter's standard library, packed documents)."""
+    dump = tmp_path / "stdlib"
+    r = subprocess.run(["./run_train.sh", "--job.dump_folder", str(dump), "--training.dataset", "stdlib",
+                        "--training.steps", "30", "--metrics.log_freq", "5", "--metrics.enable_tensorboard", "false"],
+                       cwd=REPO, env={**os.environ, "NGPU": "2"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = read_metrics(dump)
+    assert len(metrics) == 6
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, [m["loss"] for m in metrics]

@@ -178,7 +178,7 @@ class Checkpoint:
     load_step: int = -1
     """Resume from this step instead of the newest (-1 = newest)."""
     initial_load_path: str = ""
-    """Start from the model weights of this checkpoint folder (fresh optimizer and step 0)."""
+    """Start from model weights only (fresh optimizer, step 0): a DCP step-N folder or an exported model.pt."""
     export_final: bool = False
     """After the last step, write the model weights alone to <folder>/model.pt."""
     save_on_sigterm: bool = True

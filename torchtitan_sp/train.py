@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,17 @@ def init_distributed(cfg: Config) -> torch.device:
     return device
 
 
-def set_collective_timeout(seconds: int) -> None:
-    """After the first step, a dead rank should fail the others within the training timeout."""
+def set_collective_timeout(seconds: int, meshes: dict[str, Any]) -> None:
+    """After the first step, a dead or hung rank should fail the others within the training timeout.
+
+    Every group needs it: the mesh dims' groups are separate from the default one and keep the
+    timeout they were created with (measured with gloo: a collective on a cp subgroup ran into
+    the init timeout when only the default group was shortened)."""
     from torch.distributed.distributed_c10d import _set_pg_timeout
+    groups = {m.get_group(i) for m in meshes.values() for i in range(m.ndim)}
     try:
-        _set_pg_timeout(datetime.timedelta(seconds=seconds), None)
+        for group in (None, *groups):
+            _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
     except (RuntimeError, AttributeError) as e:  # not supported by every backend/version
         logger.warning(f"could not shorten the collective timeout: {e}")
 
@@ -110,7 +117,7 @@ class Trainer:
         self.tokens_seen = 0
 
         self.checkpointer = None
-        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
+        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path or cfg.checkpoint.export_final:
             from torchtitan_sp.checkpoint import CheckpointManager
             self.checkpointer = CheckpointManager(cfg, self)
             self.checkpointer.load()
@@ -187,15 +194,17 @@ class Trainer:
         group_loss /= max(local_valid, 1)
         dist.all_reduce(group_loss, op=dist.ReduceOp.MAX, group=self.meshes["dp"].get_group())
 
-        grads_ok = math.isfinite(loss)
-        if not grads_ok and not self.cfg.training.skip_nonfinite_loss:
-            raise FloatingPointError(f"step {self.step + 1}: loss is {loss}; stopping "
-                                     "(set training.skip_nonfinite_loss to skip such steps)")
+        # A finite loss can still come with inf/NaN gradients (overflow in backward): check both,
+        # or one such step silently poisons every weight. Every rank holds the same two numbers.
         grad_norm = self._clip_grads()
+        grads_ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        what = f"step {self.step + 1}: loss is {loss}, gradient norm {grad_norm}"
+        if not grads_ok and not self.cfg.training.skip_nonfinite_loss:
+            raise FloatingPointError(f"{what}; stopping (set training.skip_nonfinite_loss to skip such steps)")
         if grads_ok:
             self.optimizer.step()
         else:
-            logger.warning(f"step {self.step + 1}: loss is {loss}; skipping the optimizer step")
+            logger.warning(f"{what}; skipping the optimizer step")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.tokens_seen += int(global_valid)
@@ -216,6 +225,7 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg
         data_iter = iter(self.dataloader)
+        first_step = self.step + 1  # > 1 when resumed from a checkpoint
         window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -227,8 +237,8 @@ class Trainer:
                 out = self.train_step(micro_batches)
                 self.step += 1
                 window_steps += 1
-                if self.step == 1:
-                    set_collective_timeout(cfg.comm.train_timeout_seconds)
+                if self.step == first_step:
+                    set_collective_timeout(cfg.comm.train_timeout_seconds, self.meshes)
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                     elapsed = time.perf_counter() - window_start
                     self._log(out, elapsed, data_time, window_steps)
@@ -258,14 +268,31 @@ class Trainer:
         self.metrics.log(self.step, m)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Train; the exit code is 0, or 143 when SIGTERM stopped the run after saving a checkpoint."""
     cfg, dims = load_and_validate(argv)
     trainer = Trainer(cfg, dims)
     try:
         trainer.train()
+    except SystemExit as e:
+        return int(e.code)
     finally:
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        code = main()
+    except SystemExit as e:  # bad input: load_and_validate exits 2
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # Leave without interpreter finalization: a gloo worker thread can still be releasing its last
+    # collective's tensors, and their Python decref during finalization aborts the process
+    # ("terminate called without an active exception", exit -6; seen under CPU load, pytorch#179291).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

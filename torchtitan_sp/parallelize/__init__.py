@@ -9,6 +9,7 @@ from torchtitan_sp.models.llama3 import Transformer
 from torchtitan_sp.parallelize.ac import apply_ac
 from torchtitan_sp.parallelize.compile import apply_compile
 from torchtitan_sp.parallelize.fsdp import apply_fsdp
+from torchtitan_sp.parallelize.memory import apply_activation_offload, apply_tiled_mlp
 
 
 def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Config, param_dtype: str) -> list[str]:
@@ -23,9 +24,14 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
         from torchtitan_sp.parallelize.cp import apply_cp
         apply_cp(model, meshes["cp"], p)
         applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}")
-    if cfg.activation_checkpoint.mode != "none":
-        apply_ac(model, cfg.activation_checkpoint)
-        applied.append(f"AC {cfg.activation_checkpoint.mode}")
+    ac = cfg.activation_checkpoint
+    if apply_tiled_mlp(model, ac.tiled_mlp_shards, meshes["tp"].size()):
+        applied.append(f"tiled MLP {ac.tiled_mlp_shards}")
+    if ac.mode != "none":
+        apply_ac(model, ac)
+        applied.append(f"AC {ac.mode}")
+    if ac.offload and apply_activation_offload(model, ac.mode):
+        applied.append("activation offload")
     if cfg.compile.enable:
         apply_compile(model)
         applied.append("compile")

@@ -6,7 +6,7 @@ import logging
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from torchtitan_sp.models.llama3 import Transformer
 
@@ -26,6 +26,8 @@ def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: s
     for block in model.layers.values():
         fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=mp)
+    # The chunked loss calls model.hidden_states, not forward: the root must unshard there.
+    register_fsdp_forward_method(model, "hidden_states")
     # The loss is already divided by the global number of valid tokens: reduce gradients by sum.
     for m in model.modules():
         if isinstance(m, FSDPModule):

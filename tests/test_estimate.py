@@ -1,0 +1,115 @@
+"""The memory estimator: its arithmetic, its agreement with measured CPU memory, the goals it
+predicts, its CLI, and the plots made from it and from metrics.jsonl."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import run_distributed
+from torchtitan_sp.config import load_config
+from torchtitan_sp.estimate import (GIB, Setup, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
+                                    param_counts)
+from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.validate import validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def setup(*overrides: str, world: int = 8, device: str = "cuda") -> Setup:
+    cfg = load_config(["--config", "llama8b_cp4.toml", *overrides])
+    return Setup.from_config(cfg, validate(cfg, world), device)
+
+
+def test_llama8b_arithmetic():
+    n, root, block = param_counts(FLAVORS["8B"])
+    assert (n, root, block) == (8_030_261_248, 1_050_677_248, 218_112_000)
+    s = setup("--activation_checkpoint.mode", "none")
+    attn, ffn = layer_saved(s)
+    # ~0.17 MB per token per layer in bf16 without AC (TorchTitan's model, with fp32 RoPE copies: ~0.19)
+    assert 0.15e6 < attn + ffn < 0.19e6
+    t = s.tokens
+    full = estimate(dataclasses.replace(s, ac_mode="full"))
+    assert full["activations kept (all layers)"] == pytest.approx(32 * 8192 * t + 4 * 128 * t)  # block inputs + rope
+    # Unchunked, backward holds fp32 logit-sized buffers: TorchTitan's OOM at 32K was one 15.66 GiB of them.
+    plain = loss_bytes(dataclasses.replace(s, chunked_loss=False, seq_len=32768, cp=1))
+    assert plain >= 3 * 15.66 * GIB
+    assert loss_bytes(s) < 1 * GIB
+    offload = estimate(dataclasses.replace(s, ac_mode="full", offload=True))
+    assert offload["host memory (offloaded block inputs)"] == 32 * 8192 * t
+    assert offload["peak"] < full["peak"] - 0.9 * 32 * 8192 * t
+
+
+def _bench(rank: int, world: int, argvs: list[list[str]]) -> list[dict]:
+    import torchtitan_sp.loss
+    from scripts.bench_memory import measure
+
+    # Small loss chunks (as for Llama 3's vocabulary), so that the activations dominate the peak.
+    torchtitan_sp.loss.LOSS_CHUNK_BYTES = 2**20
+    torchtitan_sp.loss.LOSS_UNCHUNKED_MAX_BYTES = 0  # chunk even these small logits
+    return [measure(argv, steps=2) for argv in argvs]
+
+
+def test_estimate_within_15_percent_of_measured_cpu(tmp_path):
+    """The real trainer's model, FSDP2 (one rank), chunked loss; peak of live tensor bytes."""
+    base = ["--config", "", "--model.flavor", "debug", "--model.n_layers", "3", "--training.seq_len", "2048",
+            "--training.local_batch_size", "1", "--metrics.enable_tensorboard", "false",
+            "--job.dump_folder", str(tmp_path)]
+    cases = [["--activation_checkpoint.mode", "none"], ["--activation_checkpoint.mode", "full"],
+             ["--activation_checkpoint.mode", "full", "--activation_checkpoint.tiled_mlp_shards", "4"]]
+    results = run_distributed(_bench, 1, [base + c for c in cases])[0]
+    for case, r in zip(cases, results):
+        assert 0.85 < r["ratio"] < 1.15, (case, r)
+        assert r["estimated_phase"].startswith("top block backward"), r  # activations, not the loss
+    none, full, tiled = (r["measured_gib"] for r in results)
+    assert tiled < full < 0.7 * none
+
+
+def test_goals():
+    """One H100: the 4-layer 8B stack trains >= 256K tokens; 8 x H100 with cp 8: >= 1M tokens
+    without offload (tiled MLP), >= 4M with activation offload."""
+    one = setup("--model.n_layers", "4", "--parallelism.context_parallel_degree", "1",
+                "--parallelism.data_parallel_shard_degree", "1", "--activation_checkpoint.tiled_mlp_shards", "8",
+                world=1)
+    assert max_seq_len(one, 79) >= 256 * 1024
+    cp8 = setup("--parallelism.context_parallel_degree", "8", "--parallelism.data_parallel_shard_degree", "1",
+                "--activation_checkpoint.tiled_mlp_shards", "8")
+    best = {}
+    for row in cp_strategies(cp8):
+        assert max_seq_len(row, 79) >= 2**20, row.strategy
+        best[row.strategy] = max_seq_len(dataclasses.replace(row, offload=True), 79)
+    assert max(best.values()) >= 4 * 2**20, best
+    assert max_seq_len(dataclasses.replace(cp8, tiles=1), 79) < max_seq_len(cp8, 79)
+
+
+def test_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torchtitan_sp.estimate", "--config", "llama8b_cp4.toml",
+                        "--gpu_mem_gib", "80"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for text in ("world size 8", "32,768 tokens per rank", "peak of live tensors", "within 80 GiB",
+                 "ring (rotate allgather)", "ulysses", "allgather (heads_k_stride 1)", "+ offload"):
+        assert text in r.stdout, text
+    bad = subprocess.run([sys.executable, "-m", "torchtitan_sp.estimate", "--config", "llama8b_cp4.toml",
+                          "--world_size", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size is 4" in bad.stderr
+
+
+def test_plot_metrics_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, scale in (("a", 1.0), ("b", 1.2)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": i, "loss": scale * 5 / i, "grad_norm": 1.0, "lr": 1e-3, "tps": 1000.0 * scale,
+                 **({"mfu": 40.0, "mem_gib": 30.0} if name == "a" else {})} for i in range(1, 6)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plots"
+    r = subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path / "a"),
+                        str(tmp_path / "b" / "metrics.jsonl"), "--max_seq", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("loss", "tps", "mfu", "mem", "max_seq_vs_cp"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -1,0 +1,288 @@
+"""DCP checkpoints: periodic saves, automatic resume (also onto another mesh), weight export, SIGTERM.
+
+Layout under <job.dump_folder>/<checkpoint.folder>:
+  step-N/      a complete checkpoint: model, optimizer, lr scheduler, data loaders, step, tokens_seen, RNG
+  step-N.tmp/  a save in progress. DCP writes here; rank 0 renames it to step-N once DCP has written
+               its .metadata, which it does only after every rank's files are written. So a crash
+               mid-save never leaves a partial step-N: resume skips (and rank 0 deletes) *.tmp.
+  model.pt     checkpoint.export_final: the full model state dict alone (torch.save), for use elsewhere.
+
+Resharding: model and optimizer are saved as DTensor shards, which DCP loads onto any mesh.
+Data-loader states are saved per data-parallel rank ("dataloader.dp_rank_R"). With the same dp
+degree each rank gets its own back and the data order resumes exactly. With another dp degree
+the per-rank states do not map 1:1; a dataset whose state is a global sample cursor strided over
+the dp ranks ({"next_index": i}, rank r of d reading r, r + d, ...: the synthetic dataset)
+continues at the same global sample, so with an unchanged global batch every step sees the
+samples it would have seen. Any other dataset restarts its stream, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from torchtitan_sp.config import Config, resolve_repo_path
+
+if TYPE_CHECKING:
+    from torchtitan_sp.train import Trainer
+
+logger = logging.getLogger("torchtitan_sp")
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+EXIT_SIGTERM = 128 + signal.SIGTERM  # the shell's code for "terminated": the run did not finish
+
+
+def complete_checkpoints(folder: Path) -> dict[int, Path]:
+    """step -> folder of every complete checkpoint (renamed from .tmp; DCP's .metadata present)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / ".metadata").is_file():
+            found[int(m.group(1))] = p
+    return found
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves, loads and exports the Trainer's state. Every method is called on all ranks."""
+
+    def __init__(self, cfg: Config, trainer: Trainer):
+        self.ck, self.trainer = cfg.checkpoint, trainer
+        self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+        self.metrics_file = Path(cfg.job.dump_folder) / "metrics.jsonl"
+        self.rank = dist.get_rank()
+        self.dp_rank = trainer.meshes["dp"].get_local_rank()
+        self.pending: tuple[Future, int] | None = None  # the async save in flight and its step
+        self.pg: dist.ProcessGroup | None = None
+        if self.ck.enable and self.ck.async_mode == "async":
+            # The background save runs collectives while training runs its own: a group of its own
+            # keeps them from interleaving on one communicator (DCP's async save needs gloo anyway).
+            # The training timeout: a rank dying mid-save must not keep the others waiting longer.
+            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.comm.train_timeout_seconds))
+        # signal.signal works only in the main thread; the condition is the same on every rank,
+        # which matters because maybe_save then all-reduces the flag on every rank.
+        self.watch_sigterm = (self.ck.enable and self.ck.save_on_sigterm
+                              and threading.current_thread() is threading.main_thread())
+        self.sigterm = False
+        self.prev_handler: Any = None
+        if self.watch_sigterm:
+            self.prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True  # acted on at the end of the current step, on all ranks together
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        """The DCP state dict. Non-tensor values are pickled bytes: DCP stores each as one item,
+        and keys that differ per rank (data loader, RNG) are kept apart by name."""
+        t = self.trainer
+        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd,
+                "lr_scheduler": pickle.dumps(t.scheduler.state_dict()),
+                "train_state": pickle.dumps({"step": t.step, "tokens_seen": t.tokens_seen}),
+                "dataloader": {f"dp_rank_{self.dp_rank}": pickle.dumps(t.dataloader.state_dict())},
+                "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())}}
+
+    # ---- load -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Resume from checkpoint.load_step or the newest complete checkpoint; else, if given,
+        start from checkpoint.initial_load_path's weights."""
+        if self.ck.enable:
+            if self.rank == 0:
+                for p in self.folder.glob("step-*.tmp"):
+                    logger.warning(f"removing incomplete checkpoint {p} (a save that did not finish)")
+                    shutil.rmtree(p)
+            path = self._resume_path()
+            if path is not None:
+                self._load_checkpoint(path)
+                return
+        if self.ck.initial_load_path:
+            self._load_weights(resolve_repo_path(self.ck.initial_load_path))
+
+    def _resume_path(self) -> Path | None:
+        found = complete_checkpoints(self.folder)
+        if self.ck.load_step >= 0:
+            if self.ck.load_step not in found:
+                raise FileNotFoundError(
+                    f"checkpoint.load_step {self.ck.load_step}: no complete checkpoint step-{self.ck.load_step} "
+                    f"in {self.folder} (complete ones: {sorted(found) or 'none'})")
+            return found[self.ck.load_step]
+        return found[max(found)] if found else None
+
+    def _load_checkpoint(self, path: Path) -> None:
+        t, start = self.trainer, time.perf_counter()
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        old_dp = sum(k.startswith("dataloader.") for k in saved)
+        same_world = sum(k.startswith("rng.") for k in saved) == dist.get_world_size()
+        loader_key = f"dp_rank_{self.dp_rank if old_dp == t.dims.dp else 0}"
+        state = self._state()
+        state["dataloader"] = {loader_key: b""}
+        if not same_world:  # per-rank RNG streams do not map onto another world size
+            del state["rng"]
+        dcp.load(state, checkpoint_id=str(path))
+
+        set_state_dict(t.model, t.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
+        train_state = pickle.loads(state["train_state"])
+        t.step, t.tokens_seen = train_state["step"], train_state["tokens_seen"]
+        self._load_dataloader(pickle.loads(state["dataloader"][loader_key]), old_dp)
+        if same_world:
+            _set_rng_state(pickle.loads(state["rng"][f"rank_{self.rank}"]))
+        else:
+            logger.info("world size changed: RNG states not restored (seeded afresh)")
+        if self.rank == 0:
+            self._trim_metrics(t.step)
+        logger.info(f"resumed from {path} at step {t.step} ({t.tokens_seen:,} tokens seen) "
+                    f"in {time.perf_counter() - start:.2f}s")
+
+    def _load_dataloader(self, state: dict[str, Any], old_dp: int) -> None:
+        loader, dp = self.trainer.dataloader, self.trainer.dims.dp
+        if old_dp == dp:
+            loader.load_state_dict(state)
+            return
+        ds = state.get("dataset_state")
+        if isinstance(ds, dict) and set(ds) == {"next_index"}:
+            # dp rank 0's cursor counts the samples the whole old dp group consumed.
+            consumed = ds["next_index"]
+            ds["next_index"] = consumed + self.dp_rank
+            loader.load_state_dict(state)
+            logger.info(f"data-parallel degree changed {old_dp} -> {dp}: the sample stream continues at "
+                        f"global sample {consumed}, strided over the new dp ranks")
+        else:
+            logger.warning(f"data-parallel degree changed {old_dp} -> {dp} and this dataset's loader state "
+                           "cannot be resharded: the data stream restarts from its beginning")
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop records of steps after the checkpoint (logged before a crash); the resumed run
+        appends them again."""
+        if not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        if len(kept) != len(lines):
+            self.metrics_file.write_text("".join(kept))
+
+    def _load_weights(self, path: Path) -> None:
+        """Model weights only, from a DCP checkpoint folder or a model.pt of export_final."""
+        model = self.trainer.model
+        if path.is_file():  # rank 0 reads the full state dict; set_model_state_dict scatters it
+            full = torch.load(path, map_location="cpu", weights_only=True) if self.rank == 0 else {}
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        elif (path / ".metadata").is_file():
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"])
+        else:
+            raise FileNotFoundError(f"checkpoint.initial_load_path {path}: neither a DCP checkpoint folder "
+                                    "(with .metadata) nor a model.pt file")
+        logger.info(f"initialized the model from {path} (fresh optimizer and schedule, step 0)")
+
+    # ---- save -----------------------------------------------------------------------------
+
+    def maybe_save(self, step: int, last: bool = False) -> None:
+        """After each step: save on the interval, at the last step and on SIGTERM (then exit)."""
+        if self.pending is not None and self.pending[0].done():
+            self._wait()  # publish a finished async save promptly
+        stop = self._sigterm_agreed() and not last  # at the last step the run simply ends
+        if self.ck.enable and (last or stop or step % self.ck.interval == 0):
+            self.save(step)
+        if last and self.ck.export_final:
+            self.export()
+        if stop:
+            self._wait()
+            logger.warning(f"SIGTERM: saved step-{step}; exiting with code {EXIT_SIGTERM}")
+            raise SystemExit(EXIT_SIGTERM)
+
+    def _sigterm_agreed(self) -> bool:
+        """True on every rank if any rank got SIGTERM: all must save the same step, together."""
+        if not self.watch_sigterm:
+            return False
+        flag = torch.tensor([float(self.sigterm)], device=self.trainer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def save(self, step: int) -> None:
+        self._wait()  # one save in flight at a time
+        tmp = self.folder / f"step-{step}.tmp"
+        start = time.perf_counter()
+        state = self._state()
+        if self.pg is None:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._publish(step)
+            logger.info(f"saved checkpoint step-{step} in {time.perf_counter() - start:.2f}s")
+        else:  # returns once the state is copied; writing goes on in a background thread
+            self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg), step)
+            logger.info(f"checkpoint step-{step}: staged in {time.perf_counter() - start:.2f}s, writing in the background")
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            future, step = self.pending
+            self.pending = None
+            future.result()
+            self._publish(step)
+
+    def _publish(self, step: int) -> None:
+        """Rank 0 renames step-N.tmp to step-N and prunes old ones. Called when DCP's save has
+        returned on rank 0 (its coordinator), i.e. after every rank's data and the metadata exist."""
+        if self.rank != 0:
+            return
+        final = self.folder / f"step-{step}"
+        if final.exists():  # a checkpoint of the same step from an earlier, abandoned timeline
+            shutil.rmtree(final)
+        os.rename(self.folder / f"step-{step}.tmp", final)
+        if self.ck.keep_latest_k > 0:
+            found = complete_checkpoints(self.folder)
+            for old in sorted(found)[:-self.ck.keep_latest_k]:
+                shutil.rmtree(found[old])
+
+    def export(self) -> None:
+        """The full model state dict in one file (rank 0 writes; every rank takes part in the gather)."""
+        full = get_model_state_dict(self.trainer.model,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / "model.pt"
+            torch.save(full, path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+            logger.info(f"exported the model weights to {path}")
+
+    def close(self) -> None:
+        """Finish an async save in flight; give SIGTERM its previous handler back."""
+        try:
+            self._wait()
+        finally:
+            if self.watch_sigterm:
+                signal.signal(signal.SIGTERM, self.prev_handler or signal.SIG_DFL)

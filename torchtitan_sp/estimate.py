@@ -1,0 +1,429 @@
+"""Per-GPU memory of a run, from the model shape and the parallel degrees, without running it.
+
+    python -m torchtitan_sp.estimate --config llama8b_cp4.toml [--section.key value ...]
+        [--world_size N] [--gpu_mem_gib 79] [--device cuda|cpu]
+
+prints the breakdown of the peak (steady state: optimizer states exist) and the longest seq_len
+that fits in --gpu_mem_gib for each CP strategy and memory option. `dry_run` reuses `estimate`.
+
+The model of the peak (bytes per rank; T = local_batch x seq_len / cp tokens, b = bytes of the
+compute dtype, d / dkv / F = dim / KV width / ffn hidden, tp divides what it shards):
+- FSDP2 over dp_shard x cp: fp32 parameters, fp32 gradients and AdamW's two fp32 states, all sharded
+  (16 B per parameter / shard). Unsharded compute copies: the root (embeddings, output, final norm)
+  stays unsharded from forward to the end of backward; two blocks (current + prefetched) at a time;
+  in backward also one block's unsharded gradients and the fp32 reduce-scatter input.
+- Activations: what autograd saves, read off the ops of models/llama3.py (see `layer_saved`):
+  without AC b(6d + 2dkv + 4F) + 4H + small per token and layer (~168 KB for Llama-3-8B in bf16;
+  TorchTitan's model, which also keeps fp32 RoPE copies, measured ~0.19 MB). Full AC keeps the block
+  input (b d) per layer, and backward recomputes one block at a time. Tiled MLP drops the 4bF
+  feed-forward intermediates to one tile's worth; offload moves the block inputs to host memory.
+- Loss: chunked (loss.py) holds a few fp32 (chunk x vocab) buffers; unchunked, the logits and
+  their gradient in fp32 (0.5 MB per token each for Llama 3).
+- Attention: transient buffers of the cp strategy for one layer (gathered or rotated K/V,
+  all-to-all buffers, fp32 merge/gradient accumulators).
+- Reserved: + ALLOCATOR_SLACK of the peak for fragmentation, + CUDA_CONTEXT_GIB outside torch's allocator.
+Validated on CPU against live tensor bytes (tests/test_estimate.py, LiveTensorBytes below); on a
+GPU against torch.cuda.max_memory_allocated by scripts/bench_memory.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from torchtitan_sp.attention import check_cp_attention
+from torchtitan_sp.config import Config, ConfigError, load_config
+from torchtitan_sp.loss import loss_chunk_tokens, loss_is_chunked
+from torchtitan_sp.models.llama3 import ModelArgs, model_args
+from torchtitan_sp.parallel_dims import ParallelDims
+
+GIB = 2**30
+ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation over the peak of live tensors
+CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: outside the allocator
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+DEFAULT_GPU_MEM_GIB = 79.0  # an "80 GB" H100 has 79.1 GiB
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the arithmetic reads: the model shape, one rank's share, the memory options."""
+    args: ModelArgs
+    batch: int
+    seq_len: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    strategy: str
+    rotate_method: str
+    ulysses: int
+    heads_k_stride: int
+    ac_mode: str
+    sac_option: str
+    tiles: int
+    offload: bool
+    chunked_loss: bool
+    b: int  # bytes of the compute dtype (parameters as FSDP all-gathers them, activations)
+    device: str
+    optimizer: str
+
+    @classmethod
+    def from_config(cls, cfg: Config, dims: ParallelDims, device: str = "cuda") -> "Setup":
+        p, ac = cfg.parallelism, cfg.activation_checkpoint
+        return cls(args=model_args(cfg.model.flavor, cfg.model.n_layers), batch=cfg.training.local_batch_size,
+                   seq_len=cfg.training.seq_len, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
+                   cp=dims.cp, tp=dims.tp, strategy=p.context_parallel_strategy,
+                   rotate_method=p.context_parallel_rotate_method, ulysses=p.context_parallel_ulysses_degree,
+                   heads_k_stride=p.heads_k_stride, ac_mode=ac.mode, sac_option=ac.selective_ac_option,
+                   tiles=ac.tiled_mlp_shards if dims.tp == 1 else 1,  # as parallelize.memory applies them
+                   offload=ac.offload and ac.mode == "full" and device == "cuda",
+                   chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
+                                                model_args(cfg.model.flavor).vocab_size),
+                   b=DTYPE_BYTES[cfg.training.mixed_precision_param] if device == "cuda" else 4,
+                   device=device, optimizer=cfg.optimizer.implementation)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per rank inside attention and the feed-forward (between blocks: / tp)."""
+        return self.batch * self.seq_len // self.cp
+
+    @property
+    def fsdp_shard(self) -> int:
+        return self.dp_shard * self.cp
+
+
+def param_counts(args: ModelArgs) -> tuple[int, int, int]:
+    """(all parameters, root parameters: embedding + output + final norm, parameters of one block)."""
+    d, dkv = args.dim, args.n_kv_heads * args.head_dim
+    block = d * (2 * d + 2 * dkv) + 3 * d * args.ffn_hidden + 2 * d
+    root = 2 * args.vocab_size * d + d
+    return root + args.n_layers * block, root, block
+
+
+def _norm_saved(s: Setup) -> float:
+    """Bytes per token an RMSNorm saves besides its input: rstd; torch's composite (CPU) rms_norm
+    also keeps x * rstd in fp32 (and the fp32 upcast of a 16-bit input). CUDA uses the fused kernel."""
+    d = s.args.dim
+    return 4 + (0 if s.device == "cuda" else 4 * d + (4 * d if s.b < 4 else 0))
+
+
+def layer_saved(s: Setup) -> tuple[float, float]:
+    """Bytes per token one block saves for backward without AC (on this rank, T tokens), as
+    (attention half, feed-forward half).
+
+    attention_norm: its input x (the block input) + stats; wq/wk/wv: the normed x (all-gathered
+    under TP); SDPA: q and k after RoPE, v, out, lse (fp32); wo: out (the same storage for local
+    SDPA, a copy for cp strategies that return (B, H, S, D)-contiguous outputs). ffn_norm: its input
+    h + stats; w1/w3: the normed h; SwiGLU: w1 out, w3 out, silu(w1 out), their product (w2's input).
+    """
+    a, t, b = s.args, s.tp, s.b
+    d, dkv, hd = a.dim, a.n_kv_heads * a.head_dim, a.head_dim
+    residual = (b * d + _norm_saved(s)) / t  # x or h, sequence-sharded under TP-SP
+    attn = residual + b * d + b * (2 * d + 2 * dkv) / t + 4 * a.n_heads / t  # x, normed, q, out, k, v, lse
+    if s.cp > 1 and s.strategy in ("ring", "allgather"):
+        attn += b * d / t  # wo's input is a transposed copy of the attention output
+    elif s.cp > 1:  # ulysses, usp: the head-sharded q/k/v/out seen by the inner attention, too
+        u = s.cp if s.strategy == "ulysses" else s.ulysses
+        kv_u = hd * max(a.n_kv_heads, u)  # KV heads replicated when u > n_kv_heads
+        attn += b * (2 * d + 2 * kv_u) / t
+    ffn = residual + b * d + (0 if s.tiles > 1 else 4 * b * a.ffn_hidden / t)  # h, normed h, SwiGLU
+    return attn, ffn
+
+
+def backward_transients(s: Setup) -> tuple[float, float]:
+    """Bytes per token alive on top of the saved tensors while one block runs backward, as
+    (attention, feed-forward); they do not overlap (the feed-forward goes first and frees its half).
+
+    Attention holds dq, dk, dv and d_out; the feed-forward two (tokens, F) gradients at once (w2's
+    input gradient, then silu's and w3's output gradients; per tile when tiled, plus the tile's
+    recomputed intermediates). Both: the gradient of the residual stream.
+    """
+    a, t, b = s.args, s.tp, s.b
+    f_tile = a.ffn_hidden / t / s.tiles
+    ffn = 2 * b * f_tile + (4 * b * f_tile if s.tiles > 1 else 0)
+    attn = b * (2 * a.dim + 2 * a.n_kv_heads * a.head_dim) / t
+    return attn + b * a.dim / t, ffn + b * a.dim / t
+
+
+def attention_buffers(s: Setup) -> float:
+    """Bytes (not per token) of the cp strategy's transient buffers in one layer's backward."""
+    a, t, b, T, S = s.args, s.tp, s.b, s.tokens, s.batch * s.seq_len
+    d, dkv, hd = a.dim / t, a.n_kv_heads * a.head_dim / t, a.head_dim
+    if s.cp == 1:
+        return 0.0
+    if s.strategy in ("ring", "usp"):
+        u = s.ulysses if s.strategy == "usp" else 1
+        kv = dkv * max(a.n_kv_heads, u) / a.n_kv_heads / u  # KV width per rank after the all-to-all
+        r_tokens, ring = T * u, s.cp // u  # tokens per rank in the ring, ring size
+        kv_comm = 2 * b * kv * (r_tokens * ring if s.rotate_method == "allgather" else 2 * r_tokens)
+        # torch's ring backward: dq and dk/dv accumulators in fp32, the fp32 dk/dv rotation
+        # (send + receive), one step's dq/dk/dv
+        grads = (4 * d / u + 8 * kv + 16 * kv + b * (d / u + 2 * kv)) * r_tokens
+        a2a = b * (d + 2 * kv * u) * T if u > 1 else 0
+        return kv_comm + grads + a2a
+    if s.strategy == "ulysses":
+        kv_u = hd * max(a.n_kv_heads, s.cp) / t
+        return b * (d + 2 * kv_u) * T  # one all-to-all's q/k/v (or their gradients) in flight
+    # allgather: two strides of gathered K/V (current + prefetched), fp32 dK/dV of one stride
+    stride = 2 * s.heads_k_stride * hd * S
+    return 2 * b * stride + 4 * stride + b * stride
+
+
+def loss_bytes(s: Setup) -> float:
+    """Peak transient bytes of the loss (in backward) beyond the hidden states.
+
+    Per row of logits: the recomputed log-softmax output, its gradient and the logits' gradient in
+    fp32, and the 16-bit logits' gradient when the output projection runs in bf16. Unchunked, the
+    rows are all T tokens (TorchTitan's 15.66 GiB allocation at 32K tokens is one of these).
+    """
+    rows = s.batch * s.seq_len // s.cp
+    if s.chunked_loss:
+        rows = min(loss_chunk_tokens(s.args.vocab_size), rows)
+    return (12 + (s.b if s.b < 4 else 0)) * rows * s.args.vocab_size / s.tp
+
+
+def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
+    """Bytes per rank by component, the peak of live tensors over the phases of a steady-state step
+    (`peak`, `peak phase`) and `reserved` (+ allocator slack and the CUDA context)."""
+    a, t, T = s.args, s.tp, s.tokens
+    n, n_root, n_block = param_counts(a)
+    shard = s.fsdp_shard * t
+    residual = s.b * a.dim * T / t  # one block input (sequence-sharded under TP-SP)
+    attn_half, ffn_half = layer_saved(s)
+    layer, ffn_saved = (attn_half + ffn_half) * T, ffn_half * T
+    if s.ac_mode == "full":
+        kept, recompute = a.n_layers * residual, layer - residual
+    elif s.ac_mode == "selective" and s.sac_option.isdigit():
+        n_ckpt = math.ceil(a.n_layers / int(s.sac_option))
+        kept, recompute = n_ckpt * residual + (a.n_layers - n_ckpt) * layer, layer - residual
+    elif s.ac_mode == "selective":
+        # op-level: the block input and every matmul/attention output are saved (w1/w3 outputs
+        # too when tiled: the policy sees the tiles' matmuls), the rest is recomputed
+        dkv = a.n_kv_heads * a.head_dim
+        sac = residual + s.b * (4 * a.dim + 2 * dkv + 2 * a.ffn_hidden) * T / t
+        kept, recompute = a.n_layers * sac, max(layer - sac, 0.0)
+    else:
+        kept, recompute = a.n_layers * layer, 0.0
+    host = 0.0
+    if s.offload:  # block inputs live on the host; backward brings one back at a time
+        kept, recompute, host = kept - a.n_layers * residual, recompute + residual, a.n_layers * residual
+    attn_transient, ffn_transient = (x * T for x in backward_transients(s))
+    out: dict[str, Any] = {
+        "parameters (fp32, sharded)": 4 * n / shard,
+        "gradients (fp32, sharded)": 4 * n / shard,
+        "optimizer states (AdamW, fp32, sharded)": 8 * n / shard,
+        "root unsharded (embedding, output)": s.b * n_root / t,
+        "FSDP block buffers (2 blocks, grads, reduce-scatter)": (3 * s.b + 4) * n_block / t,
+        "activations kept (all layers)": kept + 4 * a.head_dim * T,  # + cos/sin (fp32), shared
+        "one block recomputed in backward": recompute,
+        "backward transient: feed-forward": ffn_transient,
+        "backward transient: attention": attn_transient,
+        "attention/cp buffers (one layer)": attention_buffers(s),
+        "final norm + hidden states": (2 * s.b * a.dim + _norm_saved(s)) * T / t,
+        "loss (one chunk, backward)" if s.chunked_loss else "loss (all logits, backward)": loss_bytes(s),
+        "output-projection gradient (unsharded)": s.b * a.vocab_size * a.dim / t,
+    }
+    params, grads, states, root, fsdp, acts, recomp, _, _, cp_buf, final, loss, out_grad = out.values()
+    # Gradients are set to None after each step: during forward/backward they exist only when
+    # accumulating over micro-batches (the top block's backward comes before any block's grads).
+    static = params + states + (grads if grad_accum > 1 else 0)
+    top = static + root + fsdp + acts + recomp + out_grad
+    phases = {
+        "loss backward": static + root + acts + final + loss + out_grad + 2 * residual,
+        "top block backward, feed-forward": top + ffn_transient,
+        "top block backward, attention": top - ffn_saved + attn_transient + cp_buf,
+        "end of backward": params + states + grads + root + 2 * out_grad + 4 * n_root / t,
+        "optimizer step": params + states + grads + (4 * n / shard if s.optimizer == "foreach" else 0),
+    }
+    phase = max(phases, key=phases.get)
+    out["peak"], out["peak phase"], out["phases"] = phases[phase], phase, phases
+    out["reserved"] = out["peak"] * (1 + ALLOCATOR_SLACK) + (CUDA_CONTEXT_GIB * GIB if s.device == "cuda" else 0)
+    out["host memory (offloaded block inputs)"] = host
+    return out
+
+
+def fits(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> bool:
+    return estimate(s, grad_accum)["reserved"] <= gpu_mem_gib * GIB
+
+
+def max_seq_len(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> int:
+    """Longest seq_len (a multiple of 2 x cp x tp x 1024) whose estimate fits; 0 if none does."""
+    step = 2 * s.cp * s.tp * 1024
+    lo, hi = 0, 1
+    while fits(dataclasses.replace(s, seq_len=hi * step), gpu_mem_gib, grad_accum) and hi < 2**20:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # estimate() grows with seq_len: bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(dataclasses.replace(s, seq_len=mid * step), gpu_mem_gib, grad_accum) else (lo, mid)
+    return lo * step
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.2f}"
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 2**20}M" if n % 2**20 == 0 and n else f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def describe(s: Setup) -> str:
+    loss = f"chunked ({loss_chunk_tokens(s.args.vocab_size)} tokens per chunk)" if s.chunked_loss else "unchunked"
+    cp = "" if s.cp == 1 else f", cp {s.strategy}" + {
+        "ring": f" (rotate {s.rotate_method})", "usp": f" (ulysses {s.ulysses} x ring {s.cp // s.ulysses})",
+        "allgather": f" (heads_k_stride {s.heads_k_stride})", "ulysses": ""}[s.strategy]
+    ac = s.ac_mode + (f" {s.sac_option}" if s.ac_mode == "selective" else "")
+    return (f"compute {'bf16' if s.b == 2 else 'fp32'}, AC {ac}, tiled MLP {s.tiles if s.tiles > 1 else 'off'}, "
+            f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}")
+
+
+def breakdown_text(s: Setup, grad_accum: int = 1) -> str:
+    """The per-rank breakdown as printed by the CLI and the dry run."""
+    est = estimate(s, grad_accum)
+    lines = [f"estimated memory per GPU (GiB), {describe(s)}:"]
+    for key, val in est.items():
+        if key in ("peak", "peak phase", "phases", "reserved", "host memory (offloaded block inputs)"):
+            continue
+        lines.append(f"  {key:<54}{_gib(val)}")
+    lines.append(f"  {'peak of live tensors (' + est['peak phase'] + ')':<54}{_gib(est['peak'])}")
+    ctx = f" + {CUDA_CONTEXT_GIB:.1f} GiB CUDA context" if s.device == "cuda" else ""
+    lines.append(f"  {f'reserved (+{ALLOCATOR_SLACK:.0%} allocator slack{ctx})':<54}{_gib(est['reserved'])}")
+    if s.offload:
+        host = est["host memory (offloaded block inputs)"]
+        lines.append(f"  {'host memory: offloaded block inputs (pinned)':<54}{_gib(host)}")
+    if s.chunked_loss:
+        plain = estimate(dataclasses.replace(s, chunked_loss=False), grad_accum)
+        lines.append(f"  (without the chunked loss: {plain['reserved'] / GIB:.2f} GiB, "
+                     f"the loss alone {loss_bytes(dataclasses.replace(s, chunked_loss=False)) / GIB:.2f})")
+    return "\n".join(lines)
+
+
+def cp_strategies(s: Setup) -> list[Setup]:
+    """The current setup under each cp strategy that can run it (one local row when cp = 1)."""
+    if s.cp == 1:
+        return [s]
+    a, out = s.args, []
+    u = s.ulysses if s.strategy == "usp" else s.cp // 2  # default USP: two Ulysses groups in a ring
+    for strategy in ("ring", "ulysses", "usp", "allgather"):
+        c = dataclasses.replace(s, strategy=strategy, ulysses=u if strategy == "usp" else 1,
+                                heads_k_stride=s.heads_k_stride if strategy == "allgather" else 1)
+        try:
+            check_cp_attention(strategy, s.cp, c.ulysses, c.heads_k_stride, a.n_heads // s.tp,
+                               a.n_kv_heads // s.tp, packing=False, load_balance=True)
+        except ValueError:
+            continue
+        if strategy != "usp" or 1 < u < s.cp:
+            out.append(c)
+    return out
+
+
+def memory_options(s: Setup, default_tiles: int = 8) -> dict[str, Setup]:
+    """Columns of the max-seq table: AC none / full / full + tiled MLP / + offload."""
+    tiles = s.tiles if s.tiles > 1 else default_tiles
+    full = dataclasses.replace(s, ac_mode="full", tiles=1, offload=False)
+    return {"no AC": dataclasses.replace(full, ac_mode="none"), "full AC": full,
+            f"+ tiled MLP {tiles}": dataclasses.replace(full, tiles=tiles if s.tp == 1 else 1),
+            "+ offload": dataclasses.replace(full, tiles=tiles if s.tp == 1 else 1, offload=s.device == "cuda")}
+
+
+def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
+    lines = [f"longest seq_len within {gpu_mem_gib:g} GiB per GPU (local batch {s.batch}, "
+             f"dp_shard {s.dp_shard} x cp {s.cp} x tp {s.tp}):"]
+    rows = cp_strategies(s)
+    cols = memory_options(s)
+    lines.append(f"  {'':<28}" + "".join(f"{c:>18}" for c in cols))
+    for row in rows:
+        name = "local (cp 1)" if s.cp == 1 else describe(row).split(", cp ")[1]
+        vals = [max_seq_len(dataclasses.replace(row, ac_mode=c.ac_mode, tiles=c.tiles, offload=c.offload),
+                            gpu_mem_gib, grad_accum) for c in cols.values()]
+        lines.append(f"  {name:<28}" + "".join(f"{_tokens(v):>18}" for v in vals))
+    return "\n".join(lines)
+
+
+def default_world_size(cfg: Config) -> int:
+    """The recipe's own world size when its degrees say it, else WORLD_SIZE, else one 8-GPU node."""
+    p = cfg.parallelism
+    if p.data_parallel_shard_degree > 0:
+        return (p.data_parallel_replicate_degree * p.data_parallel_shard_degree * p.context_parallel_degree
+                * p.tensor_parallel_degree)
+    return int(os.environ.get("WORLD_SIZE", 8))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = {"--world_size": None, "--gpu_mem_gib": str(DEFAULT_GPU_MEM_GIB), "--device": "cuda"}
+    for key in opts:
+        if key in argv:
+            i = argv.index(key)
+            opts[key] = argv[i + 1]
+            del argv[i:i + 2]
+    from torchtitan_sp.validate import validate
+
+    try:
+        cfg = load_config(argv)
+        world = int(opts["--world_size"] or default_world_size(cfg))
+        dims = validate(cfg, world)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    s, accum = Setup.from_config(cfg, dims, opts["--device"]), dims.grad_accum_steps(cfg)
+    n, _, _ = param_counts(s.args)
+    print(f"Llama 3 {cfg.model.flavor}" + (f" cut to {s.args.n_layers} layers" if cfg.model.n_layers else "")
+          + f": {n:,} parameters; world size {world}: dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} "
+          f"x cp {dims.cp} x tp {dims.tp}; seq_len {s.seq_len:,} x local batch {s.batch} -> "
+          f"{s.tokens:,} tokens per rank")
+    print(breakdown_text(s, accum))
+    print(max_seq_table(s, float(opts["--gpu_mem_gib"]), accum))
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages on CPU, where torch has no allocator statistics.
+
+    Every storage an op returns is tracked (weakly) from then on; after each op the live total is
+    the sum of the tracked storages' current sizes (FSDP2 frees and re-allocates its unsharded
+    parameters by resizing storages in place). Storages made before entering must be added with
+    `track` (e.g. the parameters); DTensors count by their local tensor (ops on DTensors are slow
+    under a Python mode, so keep e.g. FSDP's optimizer step outside). Memory an op allocates and
+    frees internally is not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages: dict[int, weakref.ref] = {}
+        self.peak = 0
+
+    def track(self, *tensors: Any) -> None:
+        for t in tree_leaves(tensors):
+            if isinstance(t, DTensor):
+                t = t._local_tensor
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_sparse:
+                st = t.untyped_storage()
+                key = id(st)
+                if key not in self._storages:
+                    self._storages[key] = weakref.ref(st, lambda _, key=key: self._storages.pop(key, None))
+
+    @property
+    def live(self) -> int:
+        return sum(st.nbytes() for ref in list(self._storages.values()) if (st := ref()) is not None)
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.track(out)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+if __name__ == "__main__":
+    main()
