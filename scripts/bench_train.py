@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", default="", help="write the top kernels of one more step to this file")
     args, overrides = ap.parse_known_args()
     defaults = GPU_DEFAULTS if torch.cuda.is_available() else []
     argv = [*defaults, *COMMON, *overrides, "--training.steps", str(args.warmup + args.steps)]
@@ -79,6 +80,15 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            trainer.train_step([next(data) for _ in range(trainer.grad_accum)])
+            sync()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
     torch.distributed.destroy_process_group()
 
 

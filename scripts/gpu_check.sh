@@ -30,7 +30,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, never
 
 # Most important first: a call cut short still returns what finished. SKIP="name ..." skips steps.
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
-skip ours_s8192 || step ours_s8192 110 python3 scripts/bench_train.py --steps 10 --warmup 3 --out "$OUT/ours_s8192.json"
+skip ours_s8192 || step ours_s8192 110 python3 scripts/bench_train.py --steps 10 --warmup 3 --out "$OUT/ours_s8192.json" \
+    --profile "$OUT/profile_s8192.txt"
 if [ -f .whl/anchor_torchtitan.py ] && ! skip anchor_s8192; then
     step anchor_s8192 90 env S=8192 COMPILED_ONLY=1 OUT="$OUT" python3 .whl/anchor_torchtitan.py
 fi
