@@ -138,3 +138,8 @@ def test_help_exits_0():
     r = subprocess.run(["./run_train.sh", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "NGPU": "1"})
     assert r.returncode == 0 and "--parallelism.context_parallel_degree" in r.stdout
+
+
+def test_readme_config_reference_is_current():
+    """The README's configuration reference is `--help`'s text: regenerate it when a key changes."""
+    assert help_text() in (REPO / "README.md").read_text()

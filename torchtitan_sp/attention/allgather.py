@@ -13,7 +13,7 @@ masked SDPA (recomputed in backward) since a document mask needs an explicit mas
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,19 @@ class _Gathered:
         self.concat = layout_indices(seq_len, range(self.cp_size), self.cp_size, headtail, device)
         self.natural = torch.argsort(self.concat)
 
+    def strides(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int
+                ) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
+        """(query heads, KV heads, gathered K, gathered V) per stride of KV heads; the next stride's
+        all-gather is issued before this one is used, so communication overlaps compute."""
+        q_per_kv = q.shape[1] // k.shape[1]
+        groups = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
+        pending = self.issue(k, v, groups[0])
+        for i, kv_heads in enumerate(groups):
+            kf, vf = self.wait(pending)
+            if i + 1 < len(groups):
+                pending = self.issue(k, v, groups[i + 1])
+            yield slice(kv_heads.start * q_per_kv, kv_heads.stop * q_per_kv), kv_heads, kf, vf
+
     def issue(self, k: torch.Tensor, v: torch.Tensor, heads: slice) -> torch.Tensor:
         return compat.all_gather_single(torch.stack([k[:, heads], v[:, heads]]).contiguous(), 0, self.group)
 
@@ -85,16 +98,9 @@ class _AllGatherAttention(torch.autograd.Function):
         rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
         gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
         runs = _runs(rank, cp_size, q.shape[2], headtail)
-        q_per_kv = q.shape[1] // k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        strides = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
-        pending = gathered.issue(k, v, strides[0])
-        for i, kv_heads in enumerate(strides):
-            kf, vf = gathered.wait(pending)
-            if i + 1 < len(strides):
-                pending = gathered.issue(k, v, strides[i + 1])
-            qh = slice(kv_heads.start * q_per_kv, kv_heads.stop * q_per_kv)
+        for qh, _, kf, vf in gathered.strides(q, k, v, stride):
             for start, gstart, n in runs:
                 qc = q[:, qh, start:start + n]
                 if docs is None:
@@ -117,15 +123,8 @@ class _AllGatherAttention(torch.autograd.Function):
         rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
         gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
         runs = _runs(rank, cp_size, q.shape[2], headtail)
-        q_per_kv = q.shape[1] // k.shape[1]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        strides = [slice(h, h + stride) for h in range(0, k.shape[1], stride)]
-        pending = gathered.issue(k, v, strides[0])
-        for i, kv_heads in enumerate(strides):
-            kf, vf = gathered.wait(pending)
-            if i + 1 < len(strides):
-                pending = gathered.issue(k, v, strides[i + 1])
-            qh = slice(kv_heads.start * q_per_kv, kv_heads.stop * q_per_kv)
+        for qh, kv_heads, kf, vf in gathered.strides(q, k, v, stride):
             # fp32 accumulation: the head and tail runs both write into the early keys.
             dkf, dvf = (torch.zeros(kf.shape, dtype=torch.float32, device=q.device) for _ in range(2))
             for start, gstart, n in runs:
