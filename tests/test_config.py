@@ -53,6 +53,8 @@ def test_config_path_and_name(tmp_path):
     (["--parallelism.context_parallel_strategy", "zigzag"], "ring \\| ulysses \\| usp \\| allgather"),
     (["--training.seq_len", "0"], "training.seq_len: must be >= 1"),
     (["steps"], "unexpected argument"),
+    (["--activation_checkpoint.offload", "--activation_checkpoint.mode", "selective"],
+     "activation_checkpoint.offload: needs activation_checkpoint.mode = 'full'"),
 ])
 def test_bad_keys_and_types(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -99,6 +101,8 @@ def test_mesh_shapes(argv, world, shape):
     (["--parallelism.tensor_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "1"], 3,
      "tensor_parallel_degree 3 must divide the model's heads"),
     (["--training.global_batch_size", "5"], 2, "global_batch_size 5 must be a multiple of"),
+    (["--activation_checkpoint.tiled_mlp_shards", "4", "--parallelism.tensor_parallel_degree", "2"], 2,
+     "tiled_mlp_shards 4 does not combine with tensor_parallel_degree 2"),
 ])
 def test_mesh_errors(argv, world, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -375,6 +375,9 @@ def check_values(cfg: Config) -> None:
     sac = cfg.activation_checkpoint.selective_ac_option
     if sac != "op" and not (sac.isdigit() and int(sac) >= 1):
         raise ConfigError(f"activation_checkpoint.selective_ac_option: 'op' or a positive integer, got {sac!r}")
+    if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode != "full":
+        raise ConfigError("activation_checkpoint.offload: needs activation_checkpoint.mode = 'full' "
+                          f"(mode is {cfg.activation_checkpoint.mode!r})")
     if t.dataset == "files" and not t.dataset_path:
         raise ConfigError("training.dataset_path: required when training.dataset = 'files'")
 

@@ -45,7 +45,7 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
     args = model_args(cfg.model.flavor, cfg.model.n_layers)
     with torch.device("meta"):  # no storage: an 8B model costs nothing here
         model = Transformer(args)
-        tiled = apply_tiled_mlp(model, ac.tiled_mlp_shards, dims.tp)
+        tiled = apply_tiled_mlp(model, ac.tiled_mlp_shards)
         if ac.mode != "none":
             apply_ac(model, ac)
     n, n_root, n_block = param_counts(args)

@@ -60,6 +60,11 @@ class ParallelDims:
         if t.seq_len % multiple:
             need = f"2 x cp x tp = 2 x {self.cp} x {self.tp}" if headtail else f"cp x tp = {self.cp} x {self.tp}"
             raise ConfigError(f"training.seq_len {t.seq_len} is not divisible by {need} = {multiple}")
+        tiles = cfg.activation_checkpoint.tiled_mlp_shards
+        if tiles > 1 and self.tp > 1:  # w2's reduce-scatter would interleave the tiles' outputs
+            raise ConfigError(f"activation_checkpoint.tiled_mlp_shards {tiles} does not combine with "
+                              f"tensor_parallel_degree {self.tp} (TP already divides the feed-forward "
+                              "intermediates by tp); use 1")
         if p.enable_async_tensor_parallel:
             if self.tp == 1:
                 raise ConfigError("parallelism.enable_async_tensor_parallel needs tensor_parallel_degree > 1")

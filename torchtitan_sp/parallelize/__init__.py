@@ -25,12 +25,13 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
         apply_cp(model, meshes["cp"], p)
         applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}")
     ac = cfg.activation_checkpoint
-    if apply_tiled_mlp(model, ac.tiled_mlp_shards, meshes["tp"].size()):
+    if apply_tiled_mlp(model, ac.tiled_mlp_shards):
         applied.append(f"tiled MLP {ac.tiled_mlp_shards}")
     if ac.mode != "none":
         apply_ac(model, ac)
         applied.append(f"AC {ac.mode}")
-    if ac.offload and apply_activation_offload(model, ac.mode):
+    if ac.offload:
+        apply_activation_offload(model)
         applied.append("activation offload")
     if cfg.compile.enable:
         apply_compile(model)

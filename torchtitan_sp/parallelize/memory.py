@@ -45,14 +45,10 @@ class TiledFeedForward(nn.Module):
         return f"tiles={self.tiles}"
 
 
-def apply_tiled_mlp(model: Transformer, tiles: int, tp_degree: int = 1) -> bool:
-    """Replace every block's feed-forward by a TiledFeedForward; returns whether it was applied."""
+def apply_tiled_mlp(model: Transformer, tiles: int) -> bool:
+    """Replace every block's feed-forward by a TiledFeedForward; returns whether it was applied.
+    (Not with TP, which validation rejects: w2's reduce-scatter would interleave the tiles.)"""
     if tiles <= 1:
-        return False
-    if tp_degree > 1:
-        # Under TP-SP w2 reduce-scatters each call's output over the sequence, so per-tile outputs
-        # would come back interleaved; TP already divides the ffn intermediates by tp.
-        logger.warning(f"activation_checkpoint.tiled_mlp_shards {tiles} ignored with tensor parallel {tp_degree}")
         return False
     for block in model.layers.values():
         block.feed_forward = TiledFeedForward(block.feed_forward, tiles)
@@ -98,19 +94,15 @@ class _OffloadToHost(torch.autograd.graph.saved_tensors_hooks):
         return host.to(device, non_blocking=True)
 
 
-def apply_activation_offload(model: Transformer, ac_mode: str) -> bool:
+def apply_activation_offload(model: Transformer) -> None:
     """Mark the model so that model_loss_sum runs its blocks under _OffloadToHost.
 
-    Only with full AC: then the tensors saved outside checkpointed regions are the block inputs
-    (plus the final norm's input); inside a checkpoint the checkpoint's own hooks take precedence.
-    With other modes the hooks would move every saved activation over PCIe.
+    Only with full AC (validation rejects other modes): then the tensors saved outside checkpointed
+    regions are the block inputs (plus the final norm's input); inside a checkpoint the checkpoint's
+    own hooks take precedence. With other modes the hooks would move every saved activation over PCIe.
     """
-    if ac_mode != "full":
-        logger.warning(f"activation_checkpoint.offload needs mode 'full' (mode is {ac_mode!r}); ignored")
-        return False
     model.offload_activations = True
     logger.info("activation offload: full-AC block inputs kept in pinned host memory")
-    return True
 
 
 def activation_offload(model: nn.Module) -> contextlib.AbstractContextManager:
