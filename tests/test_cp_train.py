@@ -73,3 +73,17 @@ def test_packed_documents_with_ring_rejected(tmp_path):
     assert r.returncode == 2
     assert "ring" in r.stderr and "document" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_rank_with_only_padding_gives_no_nan(tmp_path):
+    """Short documents without packing: most of each sequence is padding (ignored labels), so with
+    cp2 head-tail the second rank holds no valid label at all. Losses stay finite and equal one process."""
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text("".join(f'{{"text": "x = {i}"}}\n' for i in range(64)))
+    data = ["--training.dataset", "files", "--training.dataset_path", str(corpus), "--training.packing", "false",
+            "--training.local_batch_size", "2", "--training.steps", "3"]
+    ref = run_distributed(train, 1, tiny_args(tmp_path / "ref", *data))[0]
+    m = run_distributed(train, 2, tiny_args(tmp_path / "cp2", *data, "--parallelism.context_parallel_degree", "2"))[0]
+    assert all(x["loss"] == x["loss"] and x["grad_norm"] == x["grad_norm"] for x in m)  # no NaN
+    assert_close(losses(m), losses(ref), 1e-5)
+    assert m[-1]["tokens_seen"] == ref[-1]["tokens_seen"] < 3 * 2 * 16  # only the few real labels count

@@ -41,24 +41,3 @@ def unshard_sequence(parts: list[torch.Tensor], headtail: bool, dim: int = 1) ->
     order = torch.cat([shard_indices(seq_len, r, cp_size, headtail) for r in range(cp_size)])
     full = torch.cat(parts, dim=dim)
     return full.index_select(dim, torch.argsort(order).to(full.device))
-
-
-def pad_batch(batch: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """Pad every (B, S) tensor to a multiple of `multiple` tokens: padding labels are ignored,
-    padding positions continue the sequence, padding tokens form a document of their own."""
-    seq_len = batch["tokens"].shape[1]
-    pad = -seq_len % multiple
-    if pad == 0:
-        return batch
-    out = {}
-    for key, t in batch.items():
-        if key == "labels":
-            fill = torch.full((t.shape[0], pad), IGNORE_INDEX, dtype=t.dtype, device=t.device)
-        elif key == "positions":
-            fill = t[:, -1:] + torch.arange(1, pad + 1, device=t.device)
-        elif key == "document_ids":
-            fill = (t.max() + 1).expand(t.shape[0], pad)
-        else:
-            fill = torch.zeros(t.shape[0], pad, dtype=t.dtype, device=t.device)
-        out[key] = torch.cat([t, fill.to(t.dtype)], dim=1)
-    return out

@@ -29,7 +29,7 @@ def window_sample(window: list[int], runs: list[int]) -> dict[str, torch.Tensor]
 
 def padded_sample(doc: list[int], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """One document (BOS ... EOS) truncated to seq_len + 1 tokens or padded: padding has ignored
-    labels, continuing positions and a document id of its own (as pad_batch does)."""
+    labels, continuing positions and a document id of its own."""
     w = torch.tensor(doc[:seq_len + 1], dtype=torch.long)
     n, pad = len(w) - 1, seq_len + 1 - len(w)
     return {"tokens": torch.cat([w[:-1], torch.full((pad,), pad_id)]),
