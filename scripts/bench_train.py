@@ -60,8 +60,7 @@ def main() -> None:
             times.append(dt)
     step_s = statistics.median(times)
     t, a = cfg.training, trainer.model_args
-    tokens = t.local_batch_size * t.seq_len * trainer.grad_accum
-    tps = tokens / step_s
+    tps = trainer.tokens_per_step / step_s  # one rank
     n_emb = a.vocab_size * a.dim
     # Two MFU conventions: TorchTitan's logs (full S x S attention) and the anchors' causal count.
     flops_full = trainer.flops_per_token

@@ -108,6 +108,11 @@ class Training:
     skip_nonfinite_loss: bool = False
     """Skip an optimizer step whose loss is NaN/inf instead of stopping the run."""
 
+    @property
+    def document_masks(self) -> bool:
+        """Attention is document-causal: packed real text (a synthetic sample is one document)."""
+        return self.packing and self.dataset != "synthetic"
+
 
 @dataclass
 class Parallelism:
@@ -133,6 +138,11 @@ class Parallelism:
     """With tp > 1, gather the logits instead of computing the loss on vocabulary shards."""
     enable_async_tensor_parallel: bool = False
     """Overlap TP collectives with matmuls (GPU and compile only)."""
+
+    @property
+    def load_balance(self) -> bool:
+        """Head-tail layout of the sequence over the cp ranks."""
+        return self.context_parallel_load_balancer == "headtail"
 
 
 @dataclass

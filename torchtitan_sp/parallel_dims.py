@@ -55,7 +55,7 @@ class ParallelDims:
             raise ConfigError(
                 f"parallelism.tensor_parallel_degree {self.tp} must divide the model's heads "
                 f"(n_heads {args.n_heads}, n_kv_heads {args.n_kv_heads} for flavor {cfg.model.flavor})")
-        headtail = self.cp > 1 and p.context_parallel_load_balancer == "headtail"
+        headtail = self.cp > 1 and p.load_balance
         multiple = (2 * self.cp if headtail else self.cp) * self.tp
         if t.seq_len % multiple:
             need = f"2 x cp x tp = 2 x {self.cp} x {self.tp}" if headtail else f"cp x tp = {self.cp} x {self.tp}"

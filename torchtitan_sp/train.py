@@ -93,8 +93,6 @@ class Trainer:
         self.meshes = dims.build_mesh(self.device.type)
         self.cp_rank = self.meshes["cp"].get_local_rank()
         dp_rank = self.meshes["dp"].get_local_rank()
-        self.headtail = dims.cp > 1 and cfg.parallelism.context_parallel_load_balancer == "headtail"
-        self.packing = cfg.training.packing and cfg.training.dataset != "synthetic"
 
         # Build on the meta device, parallelize, then materialize and initialize.
         self.model_args = model_args(cfg.model.flavor, cfg.model.n_layers)
@@ -113,6 +111,8 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler)
         self.dataloader = build_dataloader(cfg, self.model_args.vocab_size, dp_rank, dims.dp)
         self.grad_accum = dims.grad_accum_steps(cfg)
+        t = cfg.training
+        self.tokens_per_step = t.local_batch_size * t.seq_len * dims.dp * self.grad_accum  # global
         self.step = 0
         self.tokens_seen = 0
 
@@ -132,7 +132,6 @@ class Trainer:
     def _summary(self) -> None:
         cfg, d = self.cfg, self.dims
         t = cfg.training
-        tokens_per_step = t.local_batch_size * t.seq_len * d.dp * self.grad_accum
         n_emb = self.model_args.vocab_size * self.model_args.dim
         logger.info(f"{cfg.job.description or cfg.job.config_file or 'default config'}: Llama 3 {cfg.model.flavor}, "
                     f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
@@ -140,7 +139,7 @@ class Trainer:
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
         logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "
                     f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
-                    f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {tokens_per_step:,} tokens "
+                    f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
 
     # ---- one optimizer step -------------------------------------------------------------
@@ -151,7 +150,7 @@ class Trainer:
         for key, t in batch.items():
             t = t.to(self.device)
             if self.dims.cp > 1:
-                t = shard_sequence(t, self.cp_rank, self.dims.cp, self.headtail)
+                t = shard_sequence(t, self.cp_rank, self.dims.cp, self.cfg.parallelism.load_balance)
             out[key] = t
         return out
 
@@ -178,7 +177,7 @@ class Trainer:
         for mb in micro_batches:
             b = self._shard(mb)
             with self._step_context():
-                mb_loss = model_loss_sum(self.model, b, self.packing)  # sum over this rank's valid tokens
+                mb_loss = model_loss_sum(self.model, b, self.cfg.training.document_masks)  # sum over this rank's valid tokens
                 (mb_loss / global_valid).backward()
             if isinstance(mb_loss, DTensor):  # loss-parallel under TP: replicated over tp
                 mb_loss = mb_loss.full_tensor()
@@ -252,9 +251,7 @@ class Trainer:
         logger.info(f"training done: {self.step} steps, {self.tokens_seen:,} tokens")
 
     def _log(self, out: dict[str, Any], elapsed: float, data_time: float, steps: int) -> None:
-        t = self.cfg.training
-        tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.grad_accum * steps
-        tps = tokens / self.dims.world_size / elapsed  # per device
+        tps = self.tokens_per_step * steps / self.dims.world_size / elapsed  # per device
         tflops = self.flops_per_token * tps / 1e12
         m = {"loss": out["loss"], "loss_max": out["loss_max"], "grad_norm": out["grad_norm"],
              "lr": self.scheduler.get_last_lr()[0], "tps": tps, "tokens_seen": self.tokens_seen,

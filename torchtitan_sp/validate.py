@@ -22,14 +22,13 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg, world_size)
     dims.validate(cfg)
     p = cfg.parallelism
-    packing = cfg.training.packing and cfg.training.dataset != "synthetic"
     if dims.cp > 1:
         from torchtitan_sp.attention import check_cp_attention
         from torchtitan_sp.models.llama3 import FLAVORS
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
-                           packing=packing, load_balance=p.context_parallel_load_balancer == "headtail",
+                           packing=cfg.training.document_masks, load_balance=p.load_balance,
                            rotate_method=p.context_parallel_rotate_method)
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config

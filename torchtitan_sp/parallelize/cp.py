@@ -22,7 +22,7 @@ def apply_cp(model: Transformer, cp_mesh: DeviceMesh, p: Parallelism) -> None:
     for block in model.layers.values():
         block.attention.inner_attention = build_cp_attention(
             p.context_parallel_strategy, cp_mesh,
-            load_balance=p.context_parallel_load_balancer == "headtail",
+            load_balance=p.load_balance,
             rotate_method=p.context_parallel_rotate_method,
             ulysses_degree=p.context_parallel_ulysses_degree,
             heads_k_stride=p.heads_k_stride,
