@@ -35,6 +35,9 @@ skip ours_s8192 || step ours_s8192 110 python3 scripts/bench_train.py --steps 10
 if [ -f .whl/anchor_torchtitan.py ] && ! skip anchor_s8192; then
     step anchor_s8192 90 env S=8192 COMPILED_ONLY=1 OUT="$OUT" python3 .whl/anchor_torchtitan.py
 fi
+# The anchor's exact work: it clips no gradients (ours clips at training.max_norm = 1.0 by default).
+skip ours_s8192_noclip || step ours_s8192_noclip 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
+    --training.max_norm 0 --out "$OUT/ours_s8192_noclip.json"
 skip long_seq || step long_seq 130 python3 scripts/bench_train.py --steps 1 --warmup 1 --compile.enable false \
     --training.seq_len 262144 --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 \
     --out "$OUT/ours_s262144.json"

@@ -8,6 +8,7 @@ watch what the others do on their own. Losses come from <dump_folder>/metrics.js
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import free_port
+from tests.trainer_utils import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 5  # comm.train_timeout_seconds of these runs
@@ -120,6 +122,19 @@ def test_resume_matches_uninterrupted_run(reference: Path, tmp_path: Path) -> No
     assert sorted(got) == list(range(1, 11))  # appended after the first run's records
     assert_close(got, losses(reference), range(1, 11), 1e-6)  # model, optimizer, lr, data order
     assert checkpoints(tmp_path) == ["step-10"]  # keep_latest_k
+
+
+def test_tensorboard_shows_each_step_once_after_resume(tmp_path: Path) -> None:
+    # The first run logged steps 6-10 past checkpoint step-5; resuming there logs them again.
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = ("--metrics.enable_tensorboard", "true")
+    train(tmp_path, 1, *tb)
+    train(tmp_path, 1, *tb, "--checkpoint.load_step", "5")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 11))
+    assert sorted(losses(tmp_path)) == list(range(1, 11))
 
 
 def test_resume_on_other_meshes(reference: Path, tmp_path: Path) -> None:
@@ -225,17 +240,20 @@ def test_sigterm_saves_then_exits(tmp_path: Path) -> None:
     assert sorted(losses(tmp_path)) == list(range(1, step + 3))
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_nonfinite_loss(tmp_path: Path, skip: bool) -> None:
+@pytest.mark.parametrize("skip, implementation", [(False, "fused"), (True, "fused"), (True, "foreach")])
+def test_nonfinite_loss(tmp_path: Path, skip: bool, implementation: str) -> None:
     # A huge learning rate: weights blow up after step 1 and step 2's gradients overflow.
     args = ("--training.steps", "4", "--optimizer.lr", "1e30", "--checkpoint.enable", "false",
-            "--training.skip_nonfinite_loss", str(skip).lower())
+            "--training.skip_nonfinite_loss", str(skip).lower(), "--optimizer.implementation", implementation)
     run = Run(tmp_path, 1, args)
     code = run.wait()[0]
     if skip:
         assert code == 0, run.log()
-        assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+        metrics = read_metrics(tmp_path)
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4]
         assert "step 2: loss is" in run.log() and "skipping the optimizer step" in run.log()
+        # Skipped for real (fused: inside the kernel, found_inf): NaN gradients never reached the weights.
+        assert all(math.isfinite(m["loss"]) for m in metrics) and math.isnan(metrics[-1]["grad_norm"])
     else:
         assert code != 0
         assert "FloatingPointError: step 2: loss is" in run.log() and "stopping" in run.log(), run.log()[-3000:]

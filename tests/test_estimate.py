@@ -36,9 +36,12 @@ def test_llama8b_arithmetic():
     t = s.tokens
     full = estimate(dataclasses.replace(s, ac_mode="full"))
     assert full["activations kept (all layers)"] == pytest.approx(32 * 8192 * t + 4 * 128 * t)  # block inputs + rope
-    # Unchunked, backward holds fp32 logit-sized buffers: TorchTitan's OOM at 32K was one 15.66 GiB of them.
-    plain = loss_bytes(dataclasses.replace(s, chunked_loss=False, seq_len=32768, cp=1))
+    # Unchunked eager, backward holds fp32 logit-sized buffers: TorchTitan's OOM at 32K was one 15.66 GiB
+    # of them. Compiled (the recipe compiles), the bf16 logits and their gradient: 15.66 GiB together.
+    plain = loss_bytes(dataclasses.replace(s, chunked_loss=False, compiled_loss=False, seq_len=32768, cp=1))
     assert plain >= 3 * 15.66 * GIB
+    compiled = loss_bytes(dataclasses.replace(s, chunked_loss=False, seq_len=32768, cp=1))
+    assert s.compiled_loss and compiled == pytest.approx(15.66 * GIB, rel=1e-3)
     assert loss_bytes(s) < 1 * GIB
     offload = estimate(dataclasses.replace(s, ac_mode="full", offload=True))
     assert offload["host memory (offloaded block inputs)"] == 32 * 8192 * t

@@ -13,7 +13,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tests.dist_utils import run_distributed
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import ActivationCheckpoint, Config
-from torchtitan_sp.loss import cross_entropy_sum, loss_chunk_tokens, model_loss_sum
+from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, loss_chunk_tokens, model_loss_sum
 from torchtitan_sp.models.llama3 import ModelArgs, Transformer, _canonical, init_weights
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import memory, parallelize_llama
@@ -64,6 +64,30 @@ def test_chunked_loss_equals_plain(chunk):
     n = int((batch["labels"] != IGNORE_INDEX).sum())
     ref = loss_and_grads(model, plain_loss(model, batch), n)
     assert_same(loss_and_grads(model, model_loss_sum(model, batch, False, chunk_tokens=chunk), n), ref)
+
+
+def test_compiled_cross_entropy_equals_eager():
+    """compile.enable's cross-entropy, whole and chunked (7-row chunks: two static shapes): the
+    same loss and gradients as eager, and 0 (not NaN) for logits whose labels are all ignored."""
+    model, batch = make_model(), make_batch(3)
+    n = int((batch["labels"] != IGNORE_INDEX).sum())
+    ref = loss_and_grads(model, plain_loss(model, batch), n)
+    for chunk in (None, 7):
+        loss = model_loss_sum(model, batch, False, chunk_tokens=chunk, ce=compiled_cross_entropy_sum())
+        assert_same(loss_and_grads(model, loss, n), ref, atol=1e-5)
+    ignored = torch.full((2, 40), IGNORE_INDEX)
+    assert compiled_cross_entropy_sum()(torch.randn(2, 40, ARGS.vocab_size), ignored).item() == 0.0
+    # 16-bit logits: fp32 math inside, the gradient rounded once, as eager does.
+    logits = torch.randn(2, 40, ARGS.vocab_size, dtype=torch.bfloat16)
+    grads = []
+    for ce in (cross_entropy_sum, compiled_cross_entropy_sum()):
+        x = logits.clone().requires_grad_()
+        loss = ce(x, batch["labels"])
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=0)
+    assert torch.equal(grads[0][1].abs().amax(-1) > 0, batch["labels"] != IGNORE_INDEX)  # rows of valid labels
+    torch.testing.assert_close(grads[1][1].float(), grads[0][1].float(), rtol=2**-7, atol=0)  # one bf16 ulp
 
 
 def test_loss_chunk_never_holds_full_logits():

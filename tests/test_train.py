@@ -14,6 +14,7 @@ import pytest
 
 from tests.dist_utils import free_port, run_distributed
 from tests.trainer_utils import read_metrics, tiny_args, train
+from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,30 @@ def test_fsdp_matches_single_process(tmp_path, reference, world, extra):
     assert_close(losses(metrics), losses(reference), 1e-5)
     assert_close([m["grad_norm"] for m in metrics], [m["grad_norm"] for m in reference], 1e-4)
     assert metrics[-1]["tokens_seen"] == reference[-1]["tokens_seen"]
+
+
+def test_fused_adamw_clips_like_clip_then_step(tmp_path):
+    """The fused kernel clips through grad_scale: FSDP dp2 with it trains as one process with
+    foreach AdamW after clip_grads_with_norm_. The clipping acts: max_norm is below every step's
+    gradient norm (~0.7), and eps is large enough that Adam does not undo a uniform gradient scale."""
+    def run(name: str, world: int, *extra: str) -> list[float]:
+        args = tiny_args(tmp_path / name, "--training.local_batch_size", str(4 // world),
+                         "--optimizer.eps", "1e-5", *extra)
+        return losses(run_distributed(train, world, args)[0])
+
+    ref = run("foreach", 1, "--training.max_norm", "0.05", "--optimizer.implementation", "foreach")
+    fused = run("fused", 2, "--training.max_norm", "0.05")
+    unclipped = run("unclipped", 2, "--training.max_norm", "0")
+    assert_close(fused, ref, 1e-5)
+    assert abs(fused[-1] - unclipped[-1]) > 1e-2
+
+
+def test_reshard_after_forward_policy():
+    """One rank per FSDP shard group: nothing to free but the 16-bit copy, so default keeps blocks
+    unsharded to backward (the single-process runs above); more ranks reshard (the dp runs)."""
+    assert [reshard_after_forward("default", n) for n in (1, 2)] == [False, True]
+    assert [reshard_after_forward("always", n) for n in (1, 2)] == [True, True]
+    assert [reshard_after_forward("never", n) for n in (1, 2)] == [False, False]
 
 
 def test_activation_checkpointing_identical(tmp_path, reference):

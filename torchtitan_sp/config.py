@@ -69,8 +69,8 @@ class Optimizer:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay."""
-    implementation: str = "foreach"
-    """AdamW kernel: fused | foreach | for-loop (fused needs a GPU)."""
+    implementation: str = "fused"
+    """AdamW kernel: fused (clips and skips non-finite steps inside the kernel) | foreach | for-loop."""
 
 
 @dataclass
@@ -138,6 +138,8 @@ class Parallelism:
     """With tp > 1, gather the logits instead of computing the loss on vocabulary shards."""
     enable_async_tensor_parallel: bool = False
     """Overlap TP collectives with matmuls (GPU and compile only)."""
+    fsdp_reshard_after_forward: str = "default"
+    """Free blocks' unsharded parameters after forward: default (yes, unless FSDP spans one rank) | always | never."""
 
     @property
     def load_balance(self) -> bool:
@@ -160,7 +162,7 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = False
-    """torch.compile each TransformerBlock."""
+    """torch.compile each TransformerBlock, and the cross-entropy when tp = 1."""
 
 
 @dataclass
@@ -243,6 +245,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallelism.context_parallel_strategy": ("ring", "ulysses", "usp", "allgather"),
     "parallelism.context_parallel_rotate_method": ("allgather", "alltoall"),
     "parallelism.context_parallel_load_balancer": ("headtail", "none"),
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "checkpoint.async_mode": ("disabled", "async"),
 }

@@ -10,15 +10,16 @@ The model of the peak (bytes per rank; T = local_batch x seq_len / cp tokens, b 
 compute dtype, d / dkv / F = dim / KV width / ffn hidden, tp divides what it shards):
 - FSDP2 over dp_shard x cp: fp32 parameters, fp32 gradients and AdamW's two fp32 states, all sharded
   (16 B per parameter / shard). Unsharded compute copies: the root (embeddings, output, final norm)
-  stays unsharded from forward to the end of backward; two blocks (current + prefetched) at a time;
-  in backward also one block's unsharded gradients and the fp32 reduce-scatter input.
+  stays unsharded from forward to the end of backward; two blocks (current + prefetched) at a time
+  (every block when FSDP spans one rank and does not reshard); in backward also one block's
+  unsharded gradients and the fp32 reduce-scatter input.
 - Activations: what autograd saves, read off the ops of models/llama3.py (see `layer_saved`):
   without AC b(6d + 2dkv + 4F) + 4H + small per token and layer (~168 KB for Llama-3-8B in bf16;
   TorchTitan's model, which also keeps fp32 RoPE copies, measured ~0.19 MB). Full AC keeps the block
   input (b d) per layer, and backward recomputes one block at a time. Tiled MLP drops the 4bF
   feed-forward intermediates to one tile's worth; offload moves the block inputs to host memory.
 - Loss: chunked (loss.py) holds a few fp32 (chunk x vocab) buffers; unchunked, the logits and
-  their gradient in fp32 (0.5 MB per token each for Llama 3).
+  their gradient in fp32 (0.5 MB per token each for Llama 3); compiled, two 16-bit copies instead.
 - Attention: transient buffers of the cp strategy for one layer (gathered or rotated K/V,
   all-to-all buffers, fp32 merge/gradient accumulators).
 - Reserved: + ALLOCATOR_SLACK of the peak for fragmentation, + CUDA_CONTEXT_GIB outside torch's allocator.
@@ -44,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 from torchtitan_sp.attention import check_cp_attention
 from torchtitan_sp.config import Config, ConfigError, load_config
 from torchtitan_sp.loss import loss_chunk_tokens, loss_is_chunked
+from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 from torchtitan_sp.models.llama3 import ModelArgs, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 
@@ -73,6 +75,8 @@ class Setup:
     tiles: int
     offload: bool
     chunked_loss: bool
+    compiled_loss: bool
+    reshard: bool  # FSDP frees blocks' unsharded parameters after forward
     b: int  # bytes of the compute dtype (parameters as FSDP all-gathers them, activations)
     device: str
     optimizer: str
@@ -89,6 +93,8 @@ class Setup:
                    offload=ac.offload and ac.mode == "full" and device == "cuda",
                    chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
                                                 model_args(cfg.model.flavor).vocab_size),
+                   compiled_loss=cfg.compile.enable and dims.tp == 1,  # as Trainer chooses its cross-entropy
+                   reshard=reshard_after_forward(p.fsdp_reshard_after_forward, dims.dp_shard * dims.cp),
                    b=DTYPE_BYTES[cfg.training.mixed_precision_param] if device == "cuda" else 4,
                    device=device, optimizer=cfg.optimizer.implementation)
 
@@ -182,14 +188,16 @@ def attention_buffers(s: Setup) -> float:
 def loss_bytes(s: Setup) -> float:
     """Peak transient bytes of the loss (in backward) beyond the hidden states.
 
-    Per row of logits: the recomputed log-softmax output, its gradient and the logits' gradient in
-    fp32, and the 16-bit logits' gradient when the output projection runs in bf16. Unchunked, the
-    rows are all T tokens (TorchTitan's 15.66 GiB allocation at 32K tokens is one of these).
+    Per row of logits, eager: the recomputed log-softmax output, its gradient and the logits'
+    gradient in fp32, and the 16-bit logits' gradient when the output projection runs in bf16.
+    Compiled: the logits saved for backward and their gradient, both in the compute dtype.
+    Unchunked, the rows are all T tokens (TorchTitan's 15.66 GiB allocation at 32K tokens is one of these).
     """
     rows = s.batch * s.seq_len // s.cp
     if s.chunked_loss:
         rows = min(loss_chunk_tokens(s.args.vocab_size), rows)
-    return (12 + (s.b if s.b < 4 else 0)) * rows * s.args.vocab_size / s.tp
+    per_logit = 2 * s.b if s.compiled_loss else 12 + (s.b if s.b < 4 else 0)
+    return per_logit * rows * s.args.vocab_size / s.tp
 
 
 def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
@@ -223,7 +231,9 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
         "gradients (fp32, sharded)": 4 * n / shard,
         "optimizer states (AdamW, fp32, sharded)": 8 * n / shard,
         "root unsharded (embedding, output)": s.b * n_root / t,
-        "FSDP block buffers (2 blocks, grads, reduce-scatter)": (3 * s.b + 4) * n_block / t,
+        # Resharded: two blocks unsharded at a time (current + prefetched); else all of them.
+        "FSDP block buffers (unsharded blocks, grads, reduce-scatter)":
+            ((2 if s.reshard else a.n_layers) * s.b + s.b + 4) * n_block / t,
         "activations kept (all layers)": kept + 4 * a.head_dim * T,  # + cos/sin (fp32), shared
         "one block recomputed in backward": recompute,
         "backward transient: feed-forward": ffn_transient,

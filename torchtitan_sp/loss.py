@@ -6,9 +6,16 @@ The loss is chunked over tokens: Llama 3's fp32 logits are 128256 x 4 B = 0.5 MB
 long sequences they would be the largest tensor of the step (TorchTitan's first memory wall on one
 GPU). Each chunk's output projection + cross-entropy runs under activation checkpointing: forward
 keeps only the chunk's scalar loss, backward recomputes one chunk's logits at a time.
+
+With compile.enable (and no TP) the cross-entropy itself is compiled, as TorchTitan's
+compile.components = ["loss"] does: the fp32 upcast, log-softmax and its backward fuse into a
+few passes over the 16-bit logits instead of eager's fp32 copies (12 B per logit -> 2 x 2 B).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +53,22 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _chunk_loss(output: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(output(h), labels)
+CrossEntropySum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+@functools.cache
+def compiled_cross_entropy_sum() -> CrossEntropySum:
+    """cross_entropy_sum under torch.compile (made on first use: importing dynamo costs ~1 s).
+    Static shapes: one graph for the whole micro-batch, or two for chunks (the last may be shorter)."""
+    return torch.compile(cross_entropy_sum, dynamic=False)
+
+
+def _chunk_loss(output: nn.Module, h: torch.Tensor, labels: torch.Tensor, ce: CrossEntropySum) -> torch.Tensor:
+    return ce(output(h), labels)
 
 
 def chunked_cross_entropy_sum(output: nn.Module, h: torch.Tensor, labels: torch.Tensor,
-                              chunk_tokens: int) -> torch.Tensor:
-    """cross_entropy_sum(output(h), labels) without holding more than `chunk_tokens` rows of logits.
+                              chunk_tokens: int, ce: CrossEntropySum = cross_entropy_sum) -> torch.Tensor:
+    """ce(output(h), labels) without holding more than `chunk_tokens` rows of logits.
 
     h (B, S, dim), labels (B, S). `output` is called as a module, so the hooks that TP (and FSDP,
     through the root's forward) put on it run for every chunk, in forward and in recomputation.
@@ -65,14 +81,14 @@ def chunked_cross_entropy_sum(output: nn.Module, h: torch.Tensor, labels: torch.
     h, labels = h.flatten(0, 1), labels.flatten()  # (B*S, dim), (B*S,)
     total = None
     for h_c, y_c in zip(h.split(chunk_tokens), labels.split(chunk_tokens)):
-        loss = checkpoint(_chunk_loss, output, h_c, y_c, use_reentrant=False, preserve_rng_state=False)
+        loss = checkpoint(_chunk_loss, output, h_c, y_c, ce, use_reentrant=False, preserve_rng_state=False)
         total = loss if total is None else total + loss
     return total
 
 
 def model_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_document_mask: bool,
-                   chunk_tokens: int | None = None) -> torch.Tensor:
-    """Forward one (cp-sharded) micro-batch and return its summed loss.
+                   chunk_tokens: int | None = None, ce: CrossEntropySum = cross_entropy_sum) -> torch.Tensor:
+    """Forward one (cp-sharded) micro-batch and return its summed loss (`ce` per logits chunk).
 
     `model.hidden_states` is registered as an FSDP forward method (parallelize.fsdp), so the root
     unshards there and keeps the output projection unsharded through the chunked loss and its backward.
@@ -83,6 +99,6 @@ def model_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_documen
     # Sized by the full vocabulary: under loss-parallel TP a chunk's logits are 1/tp of that.
     if chunk_tokens is None:
         if not loss_is_chunked(batch["labels"].numel(), model.args.vocab_size):
-            return cross_entropy_sum(model.output(h), batch["labels"])
+            return ce(model.output(h), batch["labels"])
         chunk_tokens = loss_chunk_tokens(model.args.vocab_size)
-    return chunked_cross_entropy_sum(model.output, h, batch["labels"], chunk_tokens)
+    return chunked_cross_entropy_sum(model.output, h, batch["labels"], chunk_tokens, ce)

@@ -40,7 +40,9 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, dump_folder: Path, enable_tensorboard: bool, color: bool, active: bool, append: bool):
+    def __init__(self, dump_folder: Path, enable_tensorboard: bool, color: bool, active: bool, first_step: int):
+        """`first_step` > 1 on resume: metrics.jsonl is appended to (the checkpointer has cut it
+        back to the resumed step), and TensorBoard hides earlier runs' events from this step on."""
         self.active = active
         self.color = color
         self.writer = None
@@ -48,10 +50,11 @@ class MetricsLogger:
         if not active:
             return
         dump_folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(dump_folder / "metrics.jsonl", "a" if append else "w")
+        self.jsonl = open(dump_folder / "metrics.jsonl", "a" if first_step > 1 else "w")
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(dump_folder / "tb"))
+            # purge_step: a run that logged past its last checkpoint would otherwise show those steps twice.
+            self.writer = SummaryWriter(log_dir=str(dump_folder / "tb"), purge_step=first_step)
 
     def log(self, step: int, m: dict[str, Any]) -> None:
         if not self.active:

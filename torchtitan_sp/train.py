@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own de
 from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
-from torchtitan_sp.loss import model_loss_sum
+from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer
@@ -106,6 +106,10 @@ class Trainer:
         init_weights(model, cfg.debug.seed)
         model.train()
         self.model = model
+        # Compiled cross-entropy needs plain logits (under TP they are vocabulary-sharded DTensors).
+        self.ce = compiled_cross_entropy_sum() if cfg.compile.enable and dims.tp == 1 else cross_entropy_sum
+        if self.ce is not cross_entropy_sum:
+            self.applied.append("compiled loss")
 
         self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler)
@@ -124,7 +128,7 @@ class Trainer:
 
         self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
                                      color=not cfg.metrics.disable_color_printing, active=self.rank == 0,
-                                     append=self.step > 0)
+                                     first_step=self.step + 1)
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
@@ -167,18 +171,19 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         # Valid labels of the whole global batch, counted before cp sharding (cp ranks hold the
-        # same samples, so the sum runs over dp only).
+        # same samples, so the sum runs over dp only). Kept on the device: no host sync before forward.
         local_valid = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         counts = torch.tensor([local_valid], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.meshes["dp"].get_group())
-        global_valid = max(counts.item(), 1.0)
+        global_valid = counts[0]
+        divisor = global_valid.clamp(min=1.0).float()
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             b = self._shard(mb)
             with self._step_context():
-                mb_loss = model_loss_sum(self.model, b, self.cfg.training.document_masks)  # sum over this rank's valid tokens
-                (mb_loss / global_valid).backward()
+                mb_loss = model_loss_sum(self.model, b, self.cfg.training.document_masks, ce=self.ce)  # sum over this rank's valid tokens
+                (mb_loss / divisor).backward()
             if isinstance(mb_loss, DTensor):  # loss-parallel under TP: replicated over tp
                 mb_loss = mb_loss.full_tensor()
             loss_sum += mb_loss.detach().to(torch.float64)
@@ -187,37 +192,54 @@ class Trainer:
         # number a run without cp or dp logs. Max: the worst data-parallel group's mean.
         total = loss_sum.clone()
         dist.all_reduce(total, group=self.meshes["dp_cp"].get_group())
-        loss = total.item() / global_valid
+        loss = total / global_valid.clamp(min=1.0)
         group_loss = loss_sum.clone()
         dist.all_reduce(group_loss, group=self.meshes["cp"].get_group())
         group_loss /= max(local_valid, 1)
         dist.all_reduce(group_loss, op=dist.ReduceOp.MAX, group=self.meshes["dp"].get_group())
 
         # A finite loss can still come with inf/NaN gradients (overflow in backward): check both,
-        # or one such step silently poisons every weight. Every rank holds the same two numbers.
-        grad_norm = self._clip_grads()
+        # or one such step silently poisons every weight. Every rank holds the same numbers.
+        norm = self._grad_norm()
+        fused = self.cfg.optimizer.implementation == "fused"
+        if fused:
+            self._fused_step(norm, torch.isfinite(loss) & torch.isfinite(norm))
+        loss, loss_max, grad_norm, valid = torch.stack([loss, group_loss, norm.double(), global_valid]).tolist()
         grads_ok = math.isfinite(loss) and math.isfinite(grad_norm)
         what = f"step {self.step + 1}: loss is {loss}, gradient norm {grad_norm}"
         if not grads_ok and not self.cfg.training.skip_nonfinite_loss:
             raise FloatingPointError(f"{what}; stopping (set training.skip_nonfinite_loss to skip such steps)")
-        if grads_ok:
+        if not fused and grads_ok:
+            if self.cfg.training.max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.cfg.training.max_norm,
+                                                     norm, foreach=True)
             self.optimizer.step()
-        else:
+        if not grads_ok:
             logger.warning(f"{what}; skipping the optimizer step")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.tokens_seen += int(global_valid)
-        return {"loss": loss, "loss_max": group_loss.item(), "grad_norm": grad_norm}
+        self.tokens_seen += int(valid)
+        return {"loss": loss, "loss_max": loss_max, "grad_norm": grad_norm}
 
-    def _clip_grads(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.training.max_norm
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(norm, "full_tensor"):  # a DTensor over the FSDP (and TP) mesh
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.grad is not None]
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients, a plain fp32 tensor on this rank's device."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self._params_with_grad()], foreach=True)
+        if isinstance(norm, DTensor):  # partial over the FSDP (and TP) mesh
             norm = norm.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        return norm.item()
+        return norm.float()
+
+    def _fused_step(self, norm: torch.Tensor, finite: torch.Tensor) -> None:
+        """The fused AdamW kernel clips and skips by itself, through the two tensors GradScaler
+        hands it (grads are divided by `grad_scale`; the step is a no-op while `found_inf` is 1):
+        one pass less over the gradients than clip-then-step, and no host sync before the step."""
+        max_norm = self.cfg.training.max_norm
+        # clip_grads_with_norm_ multiplies by min(max_norm / (norm + 1e-6), 1): divide by the inverse.
+        self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
 
     # ---- the loop -----------------------------------------------------------------------
 

@@ -15,16 +15,25 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: str, reduce_dtype: str) -> None:
-    """fully_shard every block, then the root (embedding, final norm, output).
+def reshard_after_forward(policy: str, shard_ranks: int) -> bool:
+    """With one rank per shard group, resharding frees only the 16-bit copy of a block (2 B per
+    parameter) and costs a second cast + copy of every block's parameters in backward."""
+    return policy == "always" or (policy == "default" and shard_ranks > 1)
+
+
+def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: str, reduce_dtype: str,
+               reshard_policy: str = "default") -> None:
+    """fully_shard every block, then the root (embedding, final norm, output; FSDP2 keeps the
+    root unsharded from forward to backward by itself).
 
     cp ranks hold different tokens of the same samples, so they are data-parallel for the
     weights: sharding over dp_shard x cp keeps them from each holding a full copy.
     """
     fsdp_mesh = meshes.get("hsdp", meshes["dp_shard_cp"])  # HSDP: replicate x shard
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    reshard = reshard_after_forward(reshard_policy, meshes["dp_shard_cp"].size())
     for block in model.layers.values():
-        fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=mp)
     # The chunked loss calls model.hidden_states, not forward: the root must unshard there.
     register_fsdp_forward_method(model, "hidden_states")
@@ -35,4 +44,4 @@ def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: s
             if fsdp_mesh.device_type == "cpu":
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     logger.info(f"FSDP2 over {fsdp_mesh.mesh_dim_names} {tuple(fsdp_mesh.shape)}, "
-                f"params {param_dtype}, reduce {reduce_dtype}")
+                f"params {param_dtype}, reduce {reduce_dtype}, reshard after forward: {reshard}")
