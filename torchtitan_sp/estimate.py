@@ -232,7 +232,7 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
         "optimizer states (AdamW, fp32, sharded)": 8 * n / shard,
         "root unsharded (embedding, output)": s.b * n_root / t,
         # Resharded: two blocks unsharded at a time (current + prefetched); else all of them.
-        "FSDP block buffers (unsharded blocks, grads, reduce-scatter)":
+        "FSDP block buffers (unsharded, grads, reduce-scatter)":
             ((2 if s.reshard else a.n_layers) * s.b + s.b + 4) * n_block / t,
         "activations kept (all layers)": kept + 4 * a.head_dim * T,  # + cos/sin (fp32), shared
         "one block recomputed in backward": recompute,
