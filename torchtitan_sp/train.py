@@ -176,14 +176,15 @@ class Trainer:
         counts = torch.tensor([local_valid], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.meshes["dp"].get_group())
         global_valid = counts[0]
-        divisor = global_valid.clamp(min=1.0).float()
+        denominator = global_valid.clamp(min=1.0)  # a batch of padding only gives loss 0, not NaN
 
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             b = self._shard(mb)
             with self._step_context():
-                mb_loss = model_loss_sum(self.model, b, self.cfg.training.document_masks, ce=self.ce)  # sum over this rank's valid tokens
-                (mb_loss / divisor).backward()
+                # Sum over this rank's valid tokens.
+                mb_loss = model_loss_sum(self.model, b, self.cfg.training.document_masks, ce=self.ce)
+                (mb_loss / denominator.float()).backward()
             if isinstance(mb_loss, DTensor):  # loss-parallel under TP: replicated over tp
                 mb_loss = mb_loss.full_tensor()
             loss_sum += mb_loss.detach().to(torch.float64)
@@ -192,7 +193,7 @@ class Trainer:
         # number a run without cp or dp logs. Max: the worst data-parallel group's mean.
         total = loss_sum.clone()
         dist.all_reduce(total, group=self.meshes["dp_cp"].get_group())
-        loss = total / global_valid.clamp(min=1.0)
+        loss = total / denominator
         group_loss = loss_sum.clone()
         dist.all_reduce(group_loss, group=self.meshes["cp"].get_group())
         group_loss /= max(local_valid, 1)
