@@ -6,23 +6,25 @@ attend to the full sequence with the mask their global token indices call for. O
 gathered K/V is alive at a time: backward gathers it again and reduce-scatters dK/dV, so memory is
 bounded by the stride, not by the sequence.
 
-Each contiguous run of local queries [g, g+c) sees keys [0, g+c): without documents as two kernel
-blocks merged by log-sum-exp (keys before g in full, keys [g, g+c) causal); with documents as one
-masked SDPA (recomputed in backward) since a document mask needs an explicit mask anyway.
+Each contiguous run of local queries [g, g+c) sees keys [0, g+c) as two kernel blocks merged by
+log-sum-exp: keys before g in full, keys [g, g+c) causal. Packed documents (contiguous runs of equal
+ids) cut the runs at document starts: a piece [a, e) of a document that starts at f sees keys [f, e)
+the same way (keys [f, a) in full, [a, e) causal). No mask is ever built, and every block runs on the
+fast unmasked kernels (cuDNN / flash on GPU).
 """
 
 from __future__ import annotations
 
+import bisect
+import weakref
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
-from torchtitan_sp.attention.local import document_causal_mask
 from torchtitan_sp.attention.ulysses import exchange_order, gather_sequence, layout_indices
 
 
@@ -34,18 +36,32 @@ def _runs(rank: int, cp_size: int, local_len: int, headtail: bool) -> list[tuple
     return [(0, rank * c, c), (c, (2 * cp_size - 1 - rank) * c, c)]
 
 
+# (batch rows, local start, global start, length, first key): queries [global start, + length)
+# attend keys [first key, global start) in full and [global start, + length) causally.
+Piece = tuple[slice, int, int, int, int]
+
+
+def _pieces(runs: list[tuple[int, int, int]], doc_starts: list[list[int]] | None) -> list[Piece]:
+    """The runs as they are (every key from 0), or per batch row cut at its document starts."""
+    if doc_starts is None:
+        return [(slice(None), start, gstart, n, 0) for start, gstart, n in runs]
+    pieces = []
+    for row, starts in enumerate(doc_starts):  # sorted, starting with 0
+        for start, gstart, n in runs:
+            cuts = [gstart, *starts[bisect.bisect_right(starts, gstart):bisect.bisect_left(starts, gstart + n)],
+                    gstart + n]
+            for a, e in zip(cuts, cuts[1:]):
+                first = starts[bisect.bisect_right(starts, a) - 1]  # the start of a's document
+                pieces.append((slice(row, row + 1), start + a - gstart, a, e - a, first))
+    return pieces
+
+
 def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor,
            l2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint keys, in fp32."""
     lse = torch.logaddexp(l1, l2)
     out = o1.float() * torch.exp(l1 - lse)[..., None] + o2.float() * torch.exp(l2 - lse)[..., None]
     return out.to(o1.dtype), lse
-
-
-def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]  # expand GQA: masked kernels (CUDA mem-efficient) need equal heads
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                          attn_mask=mask)
 
 
 class _Gathered:
@@ -93,71 +109,72 @@ class _Gathered:
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None,
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_starts: list[list[int]] | None,
                 group: dist.ProcessGroup, headtail: bool, stride: int) -> torch.Tensor:
         rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
         gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
-        runs = _runs(rank, cp_size, q.shape[2], headtail)
+        pieces = _pieces(_runs(rank, cp_size, q.shape[2], headtail), doc_starts)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         for qh, _, kf, vf in gathered.strides(q, k, v, stride):
-            for start, gstart, n in runs:
-                qc = q[:, qh, start:start + n]
-                if docs is None:
-                    o, l = compat.attn_fwd(qc, kf[:, :, gstart:gstart + n], vf[:, :, gstart:gstart + n], True)
-                    if gstart > 0:
-                        o, l = _merge(o, l, *compat.attn_fwd(qc, kf[:, :, :gstart], vf[:, :, :gstart], False))
-                    lse[:, qh, start:start + n] = l
-                else:
-                    mask = _run_mask(docs, gstart, n)
-                    o = _masked_attention(qc, kf[:, :, :gstart + n], vf[:, :, :gstart + n], mask)
-                out[:, qh, start:start + n] = o
-        ctx.save_for_backward(q, k, v, out, lse, docs)
-        ctx.setup = (group, headtail, stride)
+            for rows, start, gstart, n, first in pieces:
+                qc = q[rows, qh, start:start + n]
+                o, l = compat.attn_fwd(qc, kf[rows, :, gstart:gstart + n], vf[rows, :, gstart:gstart + n], True)
+                if first < gstart:
+                    o, l = _merge(o, l, *compat.attn_fwd(qc, kf[rows, :, first:gstart], vf[rows, :, first:gstart],
+                                                         False))
+                out[rows, qh, start:start + n] = o
+                lse[rows, qh, start:start + n] = l
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = (group, headtail, stride, pieces)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse, docs = ctx.saved_tensors
-        group, headtail, stride = ctx.setup
-        rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
-        gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
-        runs = _runs(rank, cp_size, q.shape[2], headtail)
+        q, k, v, out, lse = ctx.saved_tensors
+        group, headtail, stride, pieces = ctx.setup
+        gathered = _Gathered(group, headtail, q.shape[2] * dist.get_world_size(group), q.device)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for qh, kv_heads, kf, vf in gathered.strides(q, k, v, stride):
-            # fp32 accumulation: the head and tail runs both write into the early keys.
+            # fp32 accumulation: several query pieces write into the same early keys.
             dkf, dvf = (torch.zeros(kf.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-            for start, gstart, n in runs:
-                qc, doc = q[:, qh, start:start + n], dout[:, qh, start:start + n]
-                if docs is None:
-                    oc, lc = out[:, qh, start:start + n], lse[:, qh, start:start + n]
-                    diag = slice(gstart, gstart + n)
-                    dqc, dkc, dvc = compat.attn_bwd(doc, qc, kf[:, :, diag], vf[:, :, diag], oc, lc, True)
-                    dkf[:, :, diag] += dkc
-                    dvf[:, :, diag] += dvc
-                    if gstart > 0:
-                        dqp, dkp, dvp = compat.attn_bwd(doc, qc, kf[:, :, :gstart], vf[:, :, :gstart], oc, lc, False)
-                        dqc = dqc + dqp
-                        dkf[:, :, :gstart] += dkp
-                        dvf[:, :, :gstart] += dvp
-                else:  # recompute the masked block and differentiate it
-                    seen = slice(0, gstart + n)
-                    with torch.enable_grad():
-                        leaves = [t.detach().requires_grad_() for t in (qc, kf[:, :, seen], vf[:, :, seen])]
-                        o = _masked_attention(*leaves, _run_mask(docs, gstart, n))
-                        dqc, dkc, dvc = torch.autograd.grad(o, leaves, doc)
-                    dkf[:, :, seen] += dkc
-                    dvf[:, :, seen] += dvc
-                dq[:, qh, start:start + n] = dqc
+            for rows, start, gstart, n, first in pieces:
+                mine = (rows, qh, slice(start, start + n))
+                qc, doc, oc, lc = q[mine], dout[mine], out[mine], lse[mine]
+                diag = slice(gstart, gstart + n)
+                dqc, dkc, dvc = compat.attn_bwd(doc, qc, kf[rows, :, diag], vf[rows, :, diag], oc, lc, True)
+                dkf[rows, :, diag] += dkc
+                dvf[rows, :, diag] += dvc
+                if first < gstart:
+                    before = slice(first, gstart)
+                    dqp, dkp, dvp = compat.attn_bwd(doc, qc, kf[rows, :, before], vf[rows, :, before], oc, lc, False)
+                    dqc = dqc + dqp
+                    dkf[rows, :, before] += dkp
+                    dvf[rows, :, before] += dvp
+                dq[mine] = dqc
             dk[:, kv_heads], dv[:, kv_heads] = gathered.reduce_scatter(dkf, dvf).to(k.dtype).unbind(0)
         return dq, dk, dv, None, None, None, None
 
 
-def _run_mask(docs: torch.Tensor, gstart: int, n: int) -> torch.Tensor:
-    """(B, 1, n, gstart+n) mask of queries [gstart, gstart+n) over keys [0, gstart+n)."""
-    q_pos = torch.arange(gstart, gstart + n, device=docs.device).expand(docs.shape[0], -1)
-    kv_pos = torch.arange(gstart + n, device=docs.device).expand(docs.shape[0], -1)
-    return document_causal_mask(docs[:, gstart:gstart + n], docs[:, :gstart + n], q_pos, kv_pos)
+# Document starts of the micro-batch, shared by every layer (they all receive the same document_ids
+# tensor object): one gather and one host sync per micro-batch, not per layer.
+_starts_cache: tuple[weakref.ref, list[list[int]]] | None = None
+
+
+def document_starts(document_ids: torch.Tensor, group: dist.ProcessGroup, load_balance: bool) -> list[list[int]]:
+    """Per batch row, the global token indices where a document starts (0 first), from every cp
+    rank's shard of the document ids."""
+    global _starts_cache
+    if _starts_cache is None or _starts_cache[0]() is not document_ids:
+        docs = gather_sequence(document_ids, group)
+        if load_balance:  # rank-major head-tail shards -> natural token order
+            cp = dist.get_world_size(group)
+            docs = docs.index_select(1, exchange_order(docs.shape[1], cp, 0, 1, True, docs.device)[0])
+        change = torch.ones_like(docs, dtype=torch.bool)
+        change[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        starts = [row.nonzero().flatten().tolist() for row in change]
+        _starts_cache = (weakref.ref(document_ids), starts)
+    return _starts_cache[1]
 
 
 class AllGatherAttention(nn.Module):
@@ -175,13 +192,8 @@ class AllGatherAttention(nn.Module):
         if k.shape[1] % self.heads_k_stride:
             raise ValueError(f"parallelism.heads_k_stride: {self.heads_k_stride} does not divide "
                              f"the {k.shape[1]} KV heads")
-        docs = None
-        if document_ids is not None:  # every rank's ids, in natural token order
-            docs = gather_sequence(document_ids, self.group)
-            if self.load_balance:
-                cp = dist.get_world_size(self.group)
-                docs = docs.index_select(1, exchange_order(docs.shape[1], cp, 0, 1, True, docs.device)[0])
-        return _AllGatherAttention.apply(q, k, v, docs, self.group, self.load_balance, self.heads_k_stride)
+        starts = None if document_ids is None else document_starts(document_ids, self.group, self.load_balance)
+        return _AllGatherAttention.apply(q, k, v, starts, self.group, self.load_balance, self.heads_k_stride)
 
     def extra_repr(self) -> str:
         return f"heads_k_stride={self.heads_k_stride}, load_balance={self.load_balance}"
