@@ -1,15 +1,19 @@
-"""The local attention's CUDA paths (cuDNN-first SDPA; FlexAttention with a document BlockMask) vs
-fp32 SDPA with an explicit mask, forward and backward, bf16 and fp32. Writes JSON to --out.
+"""The local attention's CUDA paths (cuDNN-first SDPA; FlexAttention with a document BlockMask) and
+the allgather strategy's document pieces (one rank, bf16) vs fp32 SDPA with an explicit mask, forward
+and backward. Writes JSON to --out.
 (The ring's CUDA block kernels are checked against full attention by scripts/bench_cp_attention.py.)"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from torchtitan_sp.attention.allgather import AllGatherAttention
 from torchtitan_sp.attention.local import LocalAttention
 from torchtitan_sp.attention.reference import attention_mask
 
@@ -18,17 +22,26 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(dtype: torch.dtype, seq: int, docs: bool) -> dict:
+def check(dtype: torch.dtype, seq: int, docs: bool, strategy: str = "local") -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, h, seq, 128, device="cuda", dtype=dtype, generator=g) for h in (32, 8, 8, 32))
-    doc_ids = (torch.arange(seq, device="cuda") // (seq // 5))[None] if docs else None
+    doc_ids = None
+    if docs and strategy == "allgather":  # irregular documents, down to single tokens
+        starts = torch.rand(seq, device="cuda", generator=g) < 1 / 300
+        starts[[0, 5, 6, 7, 100]] = True
+        doc_ids = (starts.cumsum(0) - 1)[None]
+    elif docs:  # five equal documents
+        doc_ids = (torch.arange(seq, device="cuda") // (seq // 5))[None]
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = LocalAttention()(q, k, v, doc_ids)
+    if strategy == "allgather":  # one cp rank: head-tail runs cut at document starts, cuDNN blocks
+        out = AllGatherAttention(dist.group.WORLD, load_balance=True, heads_k_stride=2)(q, k, v, doc_ids)
+    else:
+        out = LocalAttention()(q, k, v, doc_ids)
     grads = torch.autograd.grad(out, (q, k, v), do)
     mask = attention_mask(seq, doc_ids.cpu() if docs else None).cuda()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
-    return {"dtype": str(dtype), "seq": seq, "documents": docs, "out": rel(out, ref),
+    return {"strategy": strategy, "dtype": str(dtype), "seq": seq, "documents": docs, "out": rel(out, ref),
             **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, ref_grads)}}
 
 
@@ -37,6 +50,10 @@ def main() -> None:
     ap.add_argument("--out", default="parity.json")
     args = ap.parse_args()
     results = [check(dt, 4096, docs) for dt in (torch.bfloat16, torch.float32) for docs in (False, True)]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("nccl")
+    results += [check(torch.bfloat16, 4096, docs, "allgather") for docs in (False, True)]
+    dist.destroy_process_group()
     for r in results:
         r["ok"] = max(r["out"], r["dq"], r["dk"], r["dv"]) < (2e-2 if "bfloat16" in r["dtype"] else 1e-3)
         print(json.dumps(r), flush=True)
