@@ -124,6 +124,17 @@ def test_resume_matches_uninterrupted_run(reference: Path, tmp_path: Path) -> No
     assert checkpoints(tmp_path) == ["step-10"]  # keep_latest_k
 
 
+def test_text_stream_continues_on_another_dp_degree(tmp_path: Path) -> None:
+    """Real text saved by dp2, resumed by one process: it reads both old ranks' data states and
+    continues after the furthest document they used (tests/test_data.py checks no repeats)."""
+    text = ("--training.dataset", "stdlib", "--training.steps", "4", "--checkpoint.interval", "2")
+    train(tmp_path, 2, *text)
+    run = train(tmp_path, 1, *text, "--training.steps", "6", "--checkpoint.load_step", "4")
+    assert "resumed from" in run.log() and "at step 4" in run.log()
+    assert "data-parallel degree changed 2 -> 1: the text stream continues at document" in run.log(), run.log()
+    assert sorted(losses(tmp_path)) == list(range(1, 7))
+
+
 def test_tensorboard_shows_each_step_once_after_resume(tmp_path: Path) -> None:
     # The first run logged steps 6-10 past checkpoint step-5; resuming there logs them again.
     pytest.importorskip("tensorboard")

@@ -13,7 +13,8 @@ degree each rank gets its own back and the data order resumes exactly. With anot
 the per-rank states do not map 1:1; a dataset whose state is a global sample cursor strided over
 the dp ranks ({"next_index": i}, rank r of d reading r, r + d, ...: the synthetic dataset)
 continues at the same global sample, so with an unchanged global batch every step sees the
-samples it would have seen. Any other dataset restarts its stream, with a warning.
+samples it would have seen. The text datasets continue after the furthest document any old rank
+reached (data.text.resume_after): nothing is repeated, a few unread documents are skipped.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from torchtitan_sp.config import Config, resolve_repo_path
+from torchtitan_sp.data.text import Cursor, resume_after
 
 if TYPE_CHECKING:
     from torchtitan_sp.train import Trainer
@@ -147,9 +149,10 @@ class CheckpointManager:
         saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         old_dp = sum(k.startswith("dataloader.") for k in saved)
         same_world = sum(k.startswith("rng.") for k in saved) == dist.get_world_size()
-        loader_key = f"dp_rank_{self.dp_rank if old_dp == t.dims.dp else 0}"
+        # Another dp degree needs every old rank's data state to place the new ranks.
+        loader_keys = [f"dp_rank_{r}" for r in ([self.dp_rank] if old_dp == t.dims.dp else range(old_dp))]
         state = self._state()
-        state["dataloader"] = {loader_key: b""}
+        state["dataloader"] = {key: b"" for key in loader_keys}
         if not same_world:  # per-rank RNG streams do not map onto another world size
             del state["rng"]
         dcp.load(state, checkpoint_id=str(path))
@@ -158,7 +161,7 @@ class CheckpointManager:
         t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
         train_state = pickle.loads(state["train_state"])
         t.step, t.tokens_seen = train_state["step"], train_state["tokens_seen"]
-        self._load_dataloader(pickle.loads(state["dataloader"][loader_key]), old_dp)
+        self._load_dataloader([pickle.loads(state["dataloader"][key]) for key in loader_keys], old_dp == t.dims.dp)
         if same_world:
             _set_rng_state(pickle.loads(state["rng"][f"rank_{self.rank}"]))
         else:
@@ -168,11 +171,13 @@ class CheckpointManager:
         logger.info(f"resumed from {path} at step {t.step} ({t.tokens_seen:,} tokens seen) "
                     f"in {time.perf_counter() - start:.2f}s")
 
-    def _load_dataloader(self, state: dict[str, Any], old_dp: int) -> None:
+    def _load_dataloader(self, states: list[dict[str, Any]], same_dp: bool) -> None:
+        """`states`: this rank's own (same dp degree) or every old dp rank's, in rank order."""
         loader, dp = self.trainer.dataloader, self.trainer.dims.dp
-        if old_dp == dp:
-            loader.load_state_dict(state)
+        if same_dp:
+            loader.load_state_dict(states[0])
             return
+        old_dp, state = len(states), states[0]
         ds = state.get("dataset_state")
         if isinstance(ds, dict) and set(ds) == {"next_index"}:
             # dp rank 0's cursor counts the samples the whole old dp group consumed.
@@ -181,6 +186,12 @@ class CheckpointManager:
             loader.load_state_dict(state)
             logger.info(f"data-parallel degree changed {old_dp} -> {dp}: the sample stream continues at "
                         f"global sample {consumed}, strided over the new dp ranks")
+        elif isinstance(ds, dict) and set(ds) == {*Cursor._fields, "offset"}:
+            state["dataset_state"] = resume_after([st["dataset_state"] for st in states])
+            loader.load_state_dict(state)
+            c = state["dataset_state"]
+            logger.info(f"data-parallel degree changed {old_dp} -> {dp}: the text stream continues at "
+                        f"document {c['doc']} of epoch {c['epoch']}, after every document the old ranks used")
         else:
             logger.warning(f"data-parallel degree changed {old_dp} -> {dp} and this dataset's loader state "
                            "cannot be resharded: the data stream restarts from its beginning")

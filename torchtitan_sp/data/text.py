@@ -13,7 +13,9 @@ same samples); other ranks' documents are counted, never parsed or tokenized.
 
 Resume: the state names the document the next sample starts in, (epoch, file, item, doc), and the
 tokens of it already used (offset); loading it re-tokenizes that one document, so the next samples
-equal those of the uninterrupted run.
+equal those of the uninterrupted run. On another dp degree (resume_after) every new rank starts
+after the furthest document any old rank reached: no document is seen twice; the few that old ranks
+had not reached yet are skipped.
 """
 
 from __future__ import annotations
@@ -251,6 +253,17 @@ class TextDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.cursor = Cursor(*(int(state[k]) for k in Cursor._fields))
         self.offset = int(state["offset"])
+
+
+def resume_after(states: list[dict[str, int]]) -> dict[str, int]:
+    """The state that continues the text stream on any dp degree, from every old dp rank's state:
+    the first document none of them has used any of. Documents are numbered in epoch order and
+    rank r of d uses only numbers r, r + d, ...; everything before each rank's cursor is used."""
+    cursors = [(Cursor(*(int(st[k]) for k in Cursor._fields)), int(st["offset"])) for st in states]
+    cursor, offset = max(cursors, key=lambda c: (c[0].epoch, c[0].doc))
+    if offset > 0:  # its owner has used part of it: start at the next one
+        cursor = cursor._replace(item=cursor.item + 1, doc=cursor.doc + 1)
+    return {**cursor._asdict(), "offset": 0}
 
 
 def _checked_inputs(cfg: Config) -> tuple[Tokenizer, list[Path], str]:
