@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (one H100, about 8 minutes): attention parity on the CUDA kernels,
-# training throughput next to TorchTitan 0.2.2 on the same card, ring-attention efficiency, the
+# Every GPU check (one H100): attention parity on the CUDA kernels, training throughput next to
+# TorchTitan 0.2.2 on the same card (with and without clipping), ring-attention efficiency, the
 # longest sequence on one GPU, and estimated vs measured memory. Results (JSON + logs) go to
 # $OUT (default ./outputs/gpu_check); the last thing printed is a summary table.
+# All steps at their limits take ~12 minutes, more than one 10-minute device call: split with SKIP, e.g.
+#   SKIP="long_seq memory parity cp_attention" bash scripts/gpu_check.sh   # throughput, ~5 min
+#   SKIP="ours_s8192 anchor_s8192 ours_s8192_noclip" bash scripts/gpu_check.sh
 #
 #   bash scripts/gpu_check.sh            # needs: a CUDA GPU, torch >= 2.11, torchdata
 # Optional: wheels in .whl/ (torchdata, and torchtitan 0.2.2 with its dependencies for the anchor,
