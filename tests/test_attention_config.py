@@ -7,7 +7,7 @@ import pytest
 from torchtitan_sp.attention import check_cp_attention
 
 BASE = dict(strategy="ring", cp_degree=4, ulysses_degree=1, heads_k_stride=1, n_heads=32, n_kv_heads=8,
-            packing=False, load_balance=True)
+            load_balance=True)
 
 
 def _check(**overrides) -> None:
@@ -20,11 +20,9 @@ def _check(**overrides) -> None:
     dict(strategy="ring", rotate_method="alltoall"),
     dict(strategy="ulysses", cp_degree=8),
     dict(strategy="ulysses", cp_degree=16),  # Llama-3-8B: 8 KV heads replicated to 16
-    dict(strategy="ulysses", packing=True),
     dict(strategy="usp", cp_degree=8, ulysses_degree=2),
     dict(strategy="usp", cp_degree=16, ulysses_degree=16),
-    dict(strategy="allgather", heads_k_stride=8, packing=True),
-    dict(cp_degree=1, packing=True),  # no context parallelism: local attention takes the mask
+    dict(strategy="allgather", heads_k_stride=8),
 ], ids=str)
 def test_accepted(overrides: dict) -> None:
     _check(**overrides)
@@ -37,10 +35,6 @@ REJECTED = [
     (dict(cp_degree=0), "parallelism.context_parallel_degree: must be >= 1, got 0"),
     (dict(n_heads=32, n_kv_heads=6), "model: n_heads 32 is not a multiple of n_kv_heads 6"),
     (dict(n_heads=2, n_kv_heads=0), "model: 2 query / 0 KV heads per rank; tensor parallelism cannot split"),
-    (dict(packing=True),
-     "parallelism.context_parallel_strategy: 'ring' cannot apply the document mask of packed sequences "
-     "(training.packing = true); use ulysses or allgather, or set training.packing = false"),
-    (dict(strategy="usp", ulysses_degree=2, packing=True), "parallelism.context_parallel_strategy: 'usp' cannot apply"),
     (dict(ulysses_degree=2), "parallelism.context_parallel_ulysses_degree: 2 applies to context_parallel_strategy "
                              "'usp' only (strategy is 'ring'); leave it at 1"),
     (dict(strategy="ulysses", heads_k_stride=2), "parallelism.heads_k_stride: 2 applies to context_parallel_strategy "

@@ -60,6 +60,7 @@ def _cases(world: int) -> list[Case]:
         for h, hkv in ((4, 4), (8, 2)):  # MHA; GQA (at P=4, ulysses replicates the 2 KV heads)
             for rotate in ("allgather", "alltoall"):
                 cases.append(Case("ring", h, hkv, headtail, rotate))
+            cases.append(Case("ring", h, hkv, headtail, docs=True))  # documents: pieces over gathered K/V
             for docs in (False, True):
                 cases.append(Case("ulysses", h, hkv, headtail, docs=docs))
                 for stride in (1, 2):
@@ -67,6 +68,7 @@ def _cases(world: int) -> list[Case]:
             if world == 4:
                 for rotate in ("allgather", "alltoall"):
                     cases.append(Case("usp", h, hkv, headtail, rotate, ulysses=2))
+                cases.append(Case("usp", h, hkv, headtail, ulysses=2, docs=True))
     return cases
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from torchtitan_sp.config import load_config
-from torchtitan_sp.estimate import (GIB, Setup, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
+from torchtitan_sp.estimate import (GIB, Setup, attention_buffers, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
                                     param_counts)
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.validate import validate
@@ -43,6 +43,11 @@ def test_llama8b_arithmetic():
     compiled = loss_bytes(dataclasses.replace(s, chunked_loss=False, seq_len=32768, cp=1))
     assert s.compiled_loss and compiled == pytest.approx(15.66 * GIB, rel=1e-3)
     assert loss_bytes(s) < 1 * GIB
+    # Packed documents: the ring gathers every KV head at once, as allgather with the full stride does.
+    docs = dataclasses.replace(s, document_masks=True)
+    assert attention_buffers(docs) == attention_buffers(dataclasses.replace(docs, strategy="allgather",
+                                                                            heads_k_stride=8))
+    assert attention_buffers(docs) > attention_buffers(s)
     offload = estimate(dataclasses.replace(s, ac_mode="full", offload=True))
     assert offload["host memory (offloaded block inputs)"] == 32 * 8192 * t
     assert offload["peak"] < full["peak"] - 0.9 * 32 * 8192 * t

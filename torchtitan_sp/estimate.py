@@ -76,6 +76,7 @@ class Setup:
     offload: bool
     chunked_loss: bool
     compiled_loss: bool
+    document_masks: bool  # packed documents: ring and usp then gather K/V (attention/torch_ring.py)
     reshard: bool  # FSDP frees blocks' unsharded parameters after forward
     b: int  # bytes of the compute dtype (parameters as FSDP all-gathers them, activations)
     device: str
@@ -93,7 +94,8 @@ class Setup:
                    offload=ac.offload and ac.mode == "full" and device == "cuda",
                    chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
                                                 model_args(cfg.model.flavor).vocab_size),
-                   compiled_loss=cfg.compile.enable and dims.tp == 1,  # as Trainer chooses its cross-entropy
+                   compiled_loss=cfg.compile.enable and dims.tp == 1,
+                   document_masks=cfg.training.document_masks,  # as Trainer chooses its cross-entropy
                    reshard=reshard_after_forward(p.fsdp_reshard_after_forward, dims.dp_shard * dims.cp),
                    b=DTYPE_BYTES[cfg.training.mixed_precision_param] if device == "cuda" else 4,
                    device=device, optimizer=cfg.optimizer.implementation)
@@ -161,12 +163,22 @@ def backward_transients(s: Setup) -> tuple[float, float]:
     return attn + b * a.dim / t, ffn + b * a.dim / t
 
 
+def _gathered_kv_buffers(s: Setup, stride_heads: float) -> float:
+    """allgather's buffers: two strides of gathered K/V (current + prefetched), fp32 dK/dV of one."""
+    stride = 2 * stride_heads * s.args.head_dim * s.batch * s.seq_len
+    return 2 * s.b * stride + 4 * stride + s.b * stride
+
+
 def attention_buffers(s: Setup) -> float:
     """Bytes (not per token) of the cp strategy's transient buffers in one layer's backward."""
-    a, t, b, T, S = s.args, s.tp, s.b, s.tokens, s.batch * s.seq_len
+    a, t, b, T = s.args, s.tp, s.b, s.tokens
     d, dkv, hd = a.dim / t, a.n_kv_heads * a.head_dim / t, a.head_dim
     if s.cp == 1:
         return 0.0
+    if s.strategy in ("ring", "usp") and s.document_masks:  # all K/V heads gathered as one stride
+        u = s.ulysses if s.strategy == "usp" else 1
+        a2a = b * (d + 2 * dkv * max(a.n_kv_heads, u) / a.n_kv_heads) * T if u > 1 else 0
+        return _gathered_kv_buffers(s, max(a.n_kv_heads, u) / u / t) + a2a
     if s.strategy in ("ring", "usp"):
         u = s.ulysses if s.strategy == "usp" else 1
         kv = dkv * max(a.n_kv_heads, u) / a.n_kv_heads / u  # KV width per rank after the all-to-all
@@ -180,9 +192,7 @@ def attention_buffers(s: Setup) -> float:
     if s.strategy == "ulysses":
         kv_u = hd * max(a.n_kv_heads, s.cp) / t
         return b * (d + 2 * kv_u) * T  # one all-to-all's q/k/v (or their gradients) in flight
-    # allgather: two strides of gathered K/V (current + prefetched), fp32 dK/dV of one stride
-    stride = 2 * s.heads_k_stride * hd * S
-    return 2 * b * stride + 4 * stride + b * stride
+    return _gathered_kv_buffers(s, s.heads_k_stride)
 
 
 def loss_bytes(s: Setup) -> float:
@@ -286,11 +296,17 @@ def _tokens(n: int) -> str:
     return f"{n // 2**20}M" if n % 2**20 == 0 and n else f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def describe(s: Setup) -> str:
-    loss = f"chunked ({loss_chunk_tokens(s.args.vocab_size)} tokens per chunk)" if s.chunked_loss else "unchunked"
-    cp = "" if s.cp == 1 else f", cp {s.strategy}" + {
+def cp_label(s: Setup) -> str:
+    return s.strategy + {
         "ring": f" (rotate {s.rotate_method})", "usp": f" (ulysses {s.ulysses} x ring {s.cp // s.ulysses})",
         "allgather": f" (heads_k_stride {s.heads_k_stride})", "ulysses": ""}[s.strategy]
+
+
+def describe(s: Setup) -> str:
+    loss = f"chunked ({loss_chunk_tokens(s.args.vocab_size)} tokens per chunk)" if s.chunked_loss else "unchunked"
+    cp = "" if s.cp == 1 else f", cp {cp_label(s)}"
+    if s.cp > 1 and s.document_masks:
+        cp += ", packed documents" + (" (K/V gathered for document pieces)" if s.strategy in ("ring", "usp") else "")
     ac = s.ac_mode + (f" {s.sac_option}" if s.ac_mode == "selective" else "")
     return (f"compute {'bf16' if s.b == 2 else 'fp32'}, AC {ac}, tiled MLP {s.tiles if s.tiles > 1 else 'off'}, "
             f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}")
@@ -328,7 +344,7 @@ def cp_strategies(s: Setup) -> list[Setup]:
                                 heads_k_stride=s.heads_k_stride if strategy == "allgather" else 1)
         try:
             check_cp_attention(strategy, s.cp, c.ulysses, c.heads_k_stride, a.n_heads // s.tp,
-                               a.n_kv_heads // s.tp, packing=False, load_balance=True)
+                               a.n_kv_heads // s.tp, load_balance=True)
         except ValueError:
             continue
         if strategy != "usp" or 1 < u < s.cp:
@@ -352,7 +368,7 @@ def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
     cols = memory_options(s)
     lines.append(f"  {'':<28}" + "".join(f"{c:>18}" for c in cols))
     for row in rows:
-        name = "local (cp 1)" if s.cp == 1 else describe(row).split(", cp ")[1]
+        name = "local (cp 1)" if s.cp == 1 else cp_label(row)
         vals = [max_seq_len(dataclasses.replace(row, ac_mode=c.ac_mode, tiles=c.tiles, offload=c.offload),
                             gpu_mem_gib, grad_accum) for c in cols.values()]
         lines.append(f"  {name:<28}" + "".join(f"{_tokens(v):>18}" for v in vals))

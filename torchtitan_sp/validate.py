@@ -28,7 +28,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
-                           packing=cfg.training.document_masks, load_balance=p.load_balance,
+                           load_balance=p.load_balance,
                            rotate_method=p.context_parallel_rotate_method)
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config

@@ -4,10 +4,13 @@ Every strategy takes this rank's q (B, H, S/P, D) and k, v (B, Hkv, S/P, D) laid
 `sharding.shard_indices` (head-tail iff load_balance) and returns the causal attention output of
 those query tokens over the whole sequence, (B, H, S/P, D).
 
-    ring       torch's ring attention (K/V rotated; no document masks)
-    ulysses    all-to-all to head shards, local attention, all-to-all back (document masks ok)
-    usp        Ulysses inside groups of u ranks x torch ring across the cp/u groups (no document masks)
-    allgather  K/V all-gathered heads_k_stride KV heads at a time (document masks ok)
+    ring       torch's ring attention (K/V rotated)
+    ulysses    all-to-all to head shards, local attention, all-to-all back
+    usp        Ulysses inside groups of u ranks x torch ring across the cp/u groups
+    allgather  K/V all-gathered heads_k_stride KV heads at a time
+
+All take packed documents' ids and attend document-causally (ring and usp through allgather's
+document pieces, since torch's ring knows only is_causal).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 STRATEGIES = ("ring", "ulysses", "usp", "allgather")
 ROTATE_METHODS = ("allgather", "alltoall")
-_DOC_MASK_STRATEGIES = ("ulysses", "allgather")
 
 
 def _check_heads(key: str, degree: int, n_heads: int, n_kv_heads: int, what: str) -> None:
@@ -29,7 +31,7 @@ def _check_heads(key: str, degree: int, n_heads: int, n_kv_heads: int, what: str
 
 
 def check_cp_attention(strategy: str, cp_degree: int, ulysses_degree: int, heads_k_stride: int,
-                       n_heads: int, n_kv_heads: int, packing: bool, load_balance: bool,
+                       n_heads: int, n_kv_heads: int, load_balance: bool,
                        rotate_method: str = "allgather") -> None:
     """Raise ValueError (one line naming the config key) for any combination that cannot work.
 
@@ -57,10 +59,6 @@ def check_cp_attention(strategy: str, cp_degree: int, ulysses_degree: int, heads
                          f"'allgather' only (strategy is {strategy!r}); leave it at 1")
     if cp_degree == 1:
         return  # no context parallelism: plain local attention
-    if packing and strategy not in _DOC_MASK_STRATEGIES:
-        raise ValueError(f"parallelism.context_parallel_strategy: {strategy!r} cannot apply the document mask "
-                         f"of packed sequences (training.packing = true); use ulysses or allgather, "
-                         f"or set training.packing = false")
     if strategy == "ulysses":
         _check_heads("parallelism.context_parallel_degree", cp_degree, n_heads, n_kv_heads,
                      "ulysses degree (= context_parallel_degree)")
@@ -83,7 +81,7 @@ def build_cp_attention(strategy: str, cp_mesh: DeviceMesh, *, load_balance: bool
     n_heads / n_kv_heads are the heads this rank's attention sees (after tensor parallelism).
     """
     check_cp_attention(strategy, cp_mesh.size(), ulysses_degree, heads_k_stride, n_heads, n_kv_heads,
-                       packing=False, load_balance=load_balance, rotate_method=rotate_method)
+                       load_balance=load_balance, rotate_method=rotate_method)
     group = cp_mesh.get_group()
     # Imported here so that importing the model (attention.local) does not pull in torch's private CP.
     if strategy == "ring":

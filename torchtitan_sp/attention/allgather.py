@@ -177,6 +177,17 @@ def document_starts(document_ids: torch.Tensor, group: dist.ProcessGroup, load_b
     return _starts_cache[1]
 
 
+# Runs eagerly inside compiled blocks: tracing the Function gains nothing (its work is aten
+# kernels and collectives) and costs long compiles.
+@torch.compiler.disable
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor | None,
+                        group: dist.ProcessGroup, load_balance: bool, heads_k_stride: int) -> torch.Tensor:
+    """Causal (document-causal with ids) attention of this rank's queries over the whole sequence,
+    gathering `heads_k_stride` KV heads at a time over `group`."""
+    starts = None if document_ids is None else document_starts(document_ids, group, load_balance)
+    return _AllGatherAttention.apply(q, k, v, starts, group, load_balance, heads_k_stride)
+
+
 class AllGatherAttention(nn.Module):
     """Drop-in for LocalAttention: q (B, H, S/P, D), k and v (B, Hkv, S/P, D) on each cp rank."""
 
@@ -184,16 +195,12 @@ class AllGatherAttention(nn.Module):
         super().__init__()
         self.group, self.load_balance, self.heads_k_stride = group, load_balance, heads_k_stride
 
-    # Runs eagerly inside compiled blocks: tracing the Function gains nothing (its work is aten
-    # kernels and collectives), costs long compiles and breaks on autograd.grad in backward.
-    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if k.shape[1] % self.heads_k_stride:
             raise ValueError(f"parallelism.heads_k_stride: {self.heads_k_stride} does not divide "
                              f"the {k.shape[1]} KV heads")
-        starts = None if document_ids is None else document_starts(document_ids, self.group, self.load_balance)
-        return _AllGatherAttention.apply(q, k, v, starts, self.group, self.load_balance, self.heads_k_stride)
+        return allgather_attention(q, k, v, document_ids, self.group, self.load_balance, self.heads_k_stride)
 
     def extra_repr(self) -> str:
         return f"heads_k_stride={self.heads_k_stride}, load_balance={self.load_balance}"

@@ -5,6 +5,11 @@ torch's `_templated_ring_attention(_backward)` does the schedule (head-tail awar
 gradient uses that step's own K/V. We call it directly from an autograd.Function instead of going
 through the DTensor dispatcher: no DTensor wrapping, K/V travel with their Hkv heads (every block
 kernel takes GQA natively), and the rotate/load-balance options are scoped to this module.
+
+Packed documents: torch's ring knows only is_causal. With document ids the K/V of all ranks are
+all-gathered at once (what torch's ring does with rotate_method allgather, whatever the method set)
+and each query piece of a document attends to its document's keys on the unmasked kernels
+(attention/allgather.py with every KV head in one stride): the same bytes, no mask.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
+from torchtitan_sp.attention.allgather import allgather_attention
 
 
 class _RingAttention(torch.autograd.Function):
@@ -57,8 +63,7 @@ class TorchRingAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if document_ids is not None:
-            raise ValueError("context_parallel_strategy 'ring' cannot apply a document mask; "
-                             "use ulysses or allgather for packed sequences")
+            return allgather_attention(q, k, v, document_ids, self.group, self.load_balance, k.shape[1])
         return ring_attention(q, k, v, self.group, self.rotate_method, self.load_balance)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ all-to-all returns to sequence shards.
 Why the ring sees a valid layout: with head-tail over P ranks, group g holds chunks g*u .. g*u+u-1 and
 their mirrors 2P-1-(g*u+i), i.e. blocks g and 2r-1-g of a 2r-block split -- exactly ring rank g's
 head-tail shard over r ranks, once reordered (UlyssesExchange does that); without load balancing it
-holds contiguous block g of r. So the ring's causal schedule applies unchanged.
+holds contiguous block g of r. So the ring's causal schedule applies unchanged. With packed documents
+the ring part is the document-piece all-gather that strategy `ring` uses for them (torch_ring.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from torchtitan_sp.attention import torch_cp_compat as compat
+from torchtitan_sp.attention.allgather import allgather_attention
 from torchtitan_sp.attention.torch_ring import ring_attention
 from torchtitan_sp.attention.ulysses import UlyssesExchange
 
@@ -39,11 +41,11 @@ class USPAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if document_ids is not None:
-            raise ValueError("context_parallel_strategy 'usp' cannot apply a document mask (its ring "
-                             "part is torch's); use ulysses or allgather for packed sequences")
-        q, k, v, _ = self.exchange.scatter_heads(q, k, v)
-        out = ring_attention(q, k, v, self.ring_group, self.rotate_method, self.load_balance)
+        q, k, v, docs = self.exchange.scatter_heads(q, k, v, document_ids)
+        if docs is None:
+            out = ring_attention(q, k, v, self.ring_group, self.rotate_method, self.load_balance)
+        else:
+            out = allgather_attention(q, k, v, docs, self.ring_group, self.load_balance, k.shape[1])
         return self.exchange.gather_sequence(out)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,9 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
     if meshes["cp"].size() > 1:
         from torchtitan_sp.parallelize.cp import apply_cp
         apply_cp(model, meshes["cp"], p)
-        applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}")
+        docs = cfg.training.document_masks and p.context_parallel_strategy in ("ring", "usp")
+        applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}"
+                       + (" (packed documents: K/V all-gathered, attended per document piece)" if docs else ""))
     ac = cfg.activation_checkpoint
     if apply_tiled_mlp(model, ac.tiled_mlp_shards):
         applied.append(f"tiled MLP {ac.tiled_mlp_shards}")
