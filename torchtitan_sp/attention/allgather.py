@@ -2,7 +2,7 @@
 
 For each group of `heads_k_stride` KV heads, K and V are all-gathered over cp (the next group's gather
 is issued before this group's attention, to overlap), and the query heads that share those KV heads
-attend to the full sequence with the mask their global token indices call for. Only one stride's
+attend to the keys their global token indices (and documents) allow. Only one stride's
 gathered K/V is alive at a time: backward gathers it again and reduce-scatters dK/dV, so memory is
 bounded by the stride, not by the sequence.
 
@@ -10,7 +10,7 @@ Each contiguous run of local queries [g, g+c) sees keys [0, g+c) as two kernel b
 log-sum-exp: keys before g in full, keys [g, g+c) causal. Packed documents (contiguous runs of equal
 ids) cut the runs at document starts: a piece [a, e) of a document that starts at f sees keys [f, e)
 the same way (keys [f, a) in full, [a, e) causal). No mask is ever built, and every block runs on the
-fast unmasked kernels (cuDNN / flash on GPU).
+fast unmasked kernels (cuDNN / flash on GPU). Strategies `ring` and `usp` use this for packed documents.
 """
 
 from __future__ import annotations
