@@ -41,8 +41,8 @@ def test_cp_matches_single_process(tmp_path, reference, world, extra):
 
 def test_packed_documents_under_cp(tmp_path):
     """Real text, packed with per-document positions and a document-causal mask: every strategy
-    (head-tail; cp2, usp as 2 x 2 on cp4) logs what one process logs. The documents are short, so
-    every window holds several: attention leaking across them would change the loss."""
+    (head-tail; cp2, usp as 2 x 2 on cp4, ring also under tp2) logs what one process logs. The documents
+    are short, so every window holds several: attention leaking across them would change the loss."""
     words = "the of and to in is for on with as by at from this that which be or are".split()
     docs = [" ".join(words[(7 * i + j) % len(words)] for j in range(3 + i % 11)) for i in range(300)]
     corpus = tmp_path / "docs.jsonl"
@@ -50,11 +50,12 @@ def test_packed_documents_under_cp(tmp_path):
     data = ["--training.dataset", "files", "--training.dataset_path", str(corpus), "--training.packing", "true",
             "--training.local_batch_size", "1", "--training.steps", "3"]
     ref = run_distributed(train, 1, tiny_args(tmp_path / "ref", *data))[0]
-    for strategy, cp in (("allgather", 2), ("ulysses", 2), ("ring", 2), ("usp", 4)):
+    for strategy, cp, tp in (("allgather", 2, 1), ("ulysses", 2, 1), ("ring", 2, 1), ("usp", 4, 1), ("ring", 2, 2)):
         extra = ["--parallelism.context_parallel_ulysses_degree", "2"] if strategy == "usp" else []
-        m = run_distributed(train, cp, tiny_args(tmp_path / strategy, *data, *extra,
-                                                  "--parallelism.context_parallel_degree", str(cp),
-                                                  "--parallelism.context_parallel_strategy", strategy))[0]
+        m = run_distributed(train, cp * tp, tiny_args(tmp_path / f"{strategy}-cp{cp}-tp{tp}", *data, *extra,
+                                                       "--parallelism.context_parallel_degree", str(cp),
+                                                       "--parallelism.tensor_parallel_degree", str(tp),
+                                                       "--parallelism.context_parallel_strategy", strategy))[0]
         assert_close(losses(m), losses(ref), 1e-5)
         assert [x["tokens_seen"] for x in m] == [x["tokens_seen"] for x in ref]
 
