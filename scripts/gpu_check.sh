@@ -46,6 +46,8 @@ skip long_seq || step long_seq 130 python3 scripts/bench_train.py --steps 1 --wa
     --out "$OUT/ours_s262144.json"
 skip memory || step memory 60 python3 scripts/bench_memory.py --cases none,full_tiled --out "$OUT/memory.json"
 skip parity || step parity 45 python3 scripts/gpu_attention_parity.py --out "$OUT/parity.json"
+skip block_mask || step block_mask 60 python3 scripts/bench_block_mask.py --seq 131072 --modes compiled \
+    --out "$OUT/block_mask.json"
 skip cp_attention || step cp_attention 120 python3 scripts/bench_cp_attention.py --out "$OUT/cp_attention.json"
 for f in "$LOGS"/*.log; do echo "=== $f"; tail -n 60 "$f"; done > "$OUT/logs.txt"
 python3 scripts/gpu_summary.py "$OUT" "$LOGS" | tee "$OUT/summary.md"

@@ -33,6 +33,9 @@ def main(out: Path, logs: Path) -> None:
     if long:
         rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
                      f"{long['tok_s']:,} tok/s, peak {long.get('peak_mem_gib')} GiB, loss {long['loss']}"))
+    for r in load(out, "block_mask.json") or []:
+        rows.append((f"document BlockMask S={r['seq']:,} ({r['mode']} create_block_mask)",
+                     r.get("error") or f"{r['first_s']} s first, {r['second_s']} s next, peak {r['peak_gib']} GiB"))
     mem = load(out, "memory.json")
     if mem:
         rows.append(("estimated vs measured peak memory", json.dumps(mem)[:300]))

@@ -30,6 +30,8 @@ SETUPS = [
     # tracing fails) without inductor's codegen. ring runs eagerly inside (torch.compiler.disable).
     ("ring", 1, False, "aot_eager"),
     ("ulysses", 1, True, "aot_eager"),
+    ("ring", 1, True, "aot_eager"),  # packed documents: allgather's pieces, eager inside the compiled block
+    ("usp", 1, True, None),
 ]
 
 

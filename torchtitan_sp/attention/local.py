@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def document_causal_mask(q_docs: torch.Tensor, kv_docs: torch.Tensor,
@@ -21,28 +25,47 @@ def document_causal_mask(q_docs: torch.Tensor, kv_docs: torch.Tensor,
     return (same & causal)[:, None]
 
 
-_compiled_flex = None
-_mask_cache: tuple[weakref.ref, object] | None = None
+_compiled: dict[str, Callable] = {}  # flex_attention and create_block_mask, compiled on first use
+_mask_cache: tuple[weakref.ref, "BlockMask"] | None = None
+
+
+def document_block_mask(document_ids: torch.Tensor) -> "BlockMask":
+    """The document-causal BlockMask of (B, S) ids (same document, key position <= query position).
+
+    create_block_mask is compiled: eager, it materializes the dense (S x S) mask first (at 32K tokens
+    10.5 GB and 15 s on CPU, at 128K beyond any GPU); compiled, mask_mod fuses into the block
+    reduction (0.4 GB, 0.1 s; scripts/bench_block_mask.py)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    if "create_block_mask" not in _compiled:
+        _compiled["create_block_mask"] = torch.compile(create_block_mask)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    batch, seq = document_ids.shape
+    return _compiled["create_block_mask"](mask_mod, batch, None, seq, seq, device=document_ids.device)
+
+
+# Python-side caches, so this frame stays out of compiled blocks; the compiled calls inside it still compile.
+@torch.compiler.disable(recursive=False)
+def _flex_and_mask(document_ids: torch.Tensor) -> tuple[Callable, "BlockMask"]:
+    """Compiled flex_attention and this micro-batch's BlockMask: built once, for the first layer
+    (every layer receives the same document_ids tensor object), reused while that tensor lives."""
+    global _mask_cache
+    from torch.nn.attention.flex_attention import flex_attention
+    if "flex_attention" not in _compiled:
+        _compiled["flex_attention"] = torch.compile(flex_attention)
+    if _mask_cache is None or _mask_cache[0]() is not document_ids:
+        _mask_cache = (weakref.ref(document_ids), document_block_mask(document_ids))
+    return _compiled["flex_attention"], _mask_cache[1]
 
 
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             document_ids: torch.Tensor) -> torch.Tensor:
     """Document-causal attention with FlexAttention (GPU): only the blocks a document needs are
-    computed, and no S x S mask is ever built. The BlockMask is built once per micro-batch (every
-    layer receives the same document_ids tensor object) and reused while that tensor lives."""
-    global _compiled_flex, _mask_cache
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    if _mask_cache is None or _mask_cache[0]() is not document_ids:
-        docs = document_ids
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
-
-        seq = docs.shape[1]
-        _mask_cache = (weakref.ref(document_ids), create_block_mask(mask_mod, docs.shape[0], None, seq, seq, device=docs.device))
-    return _compiled_flex(q, k, v, block_mask=_mask_cache[1], enable_gqa=q.shape[1] != k.shape[1])
+    computed, and no S x S mask is ever built."""
+    flex, block_mask = _flex_and_mask(document_ids)
+    return flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class LocalAttention(nn.Module):

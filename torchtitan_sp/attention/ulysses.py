@@ -13,6 +13,8 @@ u / Hkv times so that every rank receives one whole KV head for its query heads.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -75,6 +77,9 @@ def exchange_order(seq_len: int, u: int, ring_rank: int, ring_size: int, headtai
     return to_target, torch.argsort(to_target)
 
 
+_documents_cache: tuple[weakref.ref, tuple[int, int, int, bool], torch.Tensor] | None = None
+
+
 class UlyssesExchange:
     """The sequence <-> head exchange of one Ulysses group, shared by `ulysses` and `usp`."""
 
@@ -105,10 +110,20 @@ class UlyssesExchange:
         qkv = torch.cat([t.unflatten(1, (u, -1)) for t in (q, k, v)], dim=2).flatten(1, 2)
         qkv = self._reorder(seq_to_heads(qkv, self.group), local_len, dim=2)
         q, k, v = qkv.split([n_heads // u, kv_heads // u, kv_heads // u], dim=1)
-        docs = None
-        if document_ids is not None:
-            docs = self._reorder(gather_sequence(document_ids, self.group), local_len, dim=1)
+        docs = None if document_ids is None else self._scatter_documents(document_ids)
         return q, k, v, docs
+
+    @torch.compiler.disable  # Python-side cache: keep it out of compiled blocks
+    def _scatter_documents(self, document_ids: torch.Tensor) -> torch.Tensor:
+        """This Ulysses group's document ids over the target tokens: gathered once per micro-batch
+        and the same tensor object for every layer, so the inner attention's own per-micro-batch
+        caches (FlexAttention BlockMask, document starts) hit from the second layer on."""
+        global _documents_cache
+        key = (self.u, self.ring_rank, self.ring_size, self.headtail)
+        if _documents_cache is None or _documents_cache[0]() is not document_ids or _documents_cache[1] != key:
+            docs = self._reorder(gather_sequence(document_ids, self.group), document_ids.shape[1], dim=1)
+            _documents_cache = (weakref.ref(document_ids), key, docs)
+        return _documents_cache[2]
 
     def gather_sequence(self, out: torch.Tensor) -> torch.Tensor:
         """Head-sharded output over the target tokens -> this rank's sequence shard, all heads."""
