@@ -11,7 +11,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 from tests.dist_utils import run_distributed
 from torchtitan_sp.attention import build_cp_attention
 from torchtitan_sp.attention.comm_count import CommCounter
-from torchtitan_sp.attention.local import document_block_mask
+from torchtitan_sp.attention.local import document_block_mask, flex_document_attention
+from torchtitan_sp.attention.reference import full_attention
 from torchtitan_sp.attention.sharding import shard_sequence
 
 
@@ -34,6 +35,20 @@ def test_compiled_block_mask_equals_eager():
     for name in ("kv_num_blocks", "full_kv_num_blocks"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert 0 < int(got.full_kv_num_blocks.sum()) < int(want.to_dense().sum())  # both kinds of block occur
+
+
+def test_flex_document_attention_forward_on_cpu():
+    """The GPU path of LocalAttention with documents (compiled flex_attention + compiled BlockMask),
+    called directly and from inside a compiled block as the trainer does, equals the explicit-mask
+    reference. Forward only: FlexAttention has no backward on CPU (the GPU check covers it)."""
+    docs = _documents(1, 512, 3)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 512, 16, generator=gen), *(torch.randn(1, 2, 512, 16, generator=gen) for _ in range(2))
+    want = full_attention(q, k, v, docs)
+    block = torch.compile(lambda q, k, v, d: flex_document_attention(q, k, v, d) * 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(flex_document_attention(q, k, v, docs), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(block(q, k, v, docs), 2.0 * want, rtol=0, atol=2e-5)
 
 
 def _gathers_per_layer(rank: int, world: int) -> dict[str, list[int]]:
