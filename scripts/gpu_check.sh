@@ -3,9 +3,9 @@
 # TorchTitan 0.2.2 on the same card (with and without clipping), ring-attention efficiency, the
 # longest sequence on one GPU, and estimated vs measured memory. Results (JSON + logs) go to
 # $OUT (default ./outputs/gpu_check); the last thing printed is a summary table.
-# All steps at their limits take ~12 minutes, more than one 10-minute device call: split with SKIP, e.g.
-#   SKIP="long_seq memory parity cp_attention" bash scripts/gpu_check.sh   # throughput, ~5 min
-#   SKIP="ours_s8192 anchor_s8192 ours_s8192_noclip" bash scripts/gpu_check.sh
+# All steps at their limits take ~16 minutes, more than one 10-minute device call: split with SKIP, e.g.
+#   SKIP="long_seq memory parity block_mask cp_attention" bash scripts/gpu_check.sh   # throughput, ~7 min
+#   SKIP="ours_s8192 anchor_s8192 ours_s8192_noclip ablate_reshard ablate_foreach" bash scripts/gpu_check.sh
 #
 #   bash scripts/gpu_check.sh            # needs: a CUDA GPU, torch >= 2.11, torchdata
 # Optional: wheels in .whl/ (torchdata, and torchtitan 0.2.2 with its dependencies for the anchor,
@@ -41,6 +41,11 @@ fi
 # The anchor's exact work: it clips no gradients (ours clips at training.max_norm = 1.0 by default).
 skip ours_s8192_noclip || step ours_s8192_noclip 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
     --training.max_norm 0 --out "$OUT/ours_s8192_noclip.json"
+# What two of the 2026-11-26 speed changes are worth: each undone alone.
+skip ablate_reshard || step ablate_reshard 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
+    --parallelism.fsdp_reshard_after_forward always --out "$OUT/ablate_reshard.json"
+skip ablate_foreach || step ablate_foreach 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
+    --optimizer.implementation foreach --out "$OUT/ablate_foreach.json"
 skip long_seq || step long_seq 130 python3 scripts/bench_train.py --steps 1 --warmup 1 --compile.enable false \
     --training.seq_len 262144 --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 \
     --out "$OUT/ours_s262144.json"

@@ -33,6 +33,11 @@ def main(out: Path, logs: Path) -> None:
     if long:
         rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
                      f"{long['tok_s']:,} tok/s, peak {long.get('peak_mem_gib')} GiB, loss {long['loss']}"))
+    for name, what in (("ablate_reshard", "reshard after forward always"), ("ablate_foreach", "foreach AdamW, clip then step")):
+        r = load(out, f"{name}.json")
+        if r and ours:
+            rows.append((f"train S=8192, {what} (undoing one change)",
+                         f"{r['tok_s']:,} tok/s = {r['tok_s'] / ours['tok_s']:.3f} of the default"))
     for r in load(out, "block_mask.json") or []:
         rows.append((f"document BlockMask S={r['seq']:,} ({r['mode']} create_block_mask)",
                      r.get("error") or f"{r['first_s']} s first, {r['second_s']} s next, peak {r['peak_gib']} GiB"))
