@@ -106,6 +106,9 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
     assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
     assert all(m["tps"] > 0 and m["grad_norm"] > 0 for m in metrics)
+    run = json.loads((dump / "config.json").read_text())  # the resolved config, overrides included
+    assert run["config"]["training"]["steps"] == 12 and run["config"]["metrics"]["log_freq"] == 2
+    assert run["world_size"] == 2 and run["mesh"]["dp_shard"] == 2 and "FSDP2 2" in run["applied"]
 
     # The real TensorBoard server over this run's folder, read back through its HTTP data API.
     port = free_port()

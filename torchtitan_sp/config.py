@@ -36,7 +36,7 @@ class Job:
     config_file: str = ""
     """TOML recipe; a bare name resolves against train_configs/."""
     dump_folder: str = "./outputs"
-    """Folder for metrics.jsonl, TensorBoard files (tb/) and checkpoints."""
+    """Folder for config.json, metrics.jsonl, TensorBoard files (tb/) and checkpoints."""
     description: str = ""
     """Free text printed at start-up."""
     dry_run: bool = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import math
 import os
@@ -132,6 +133,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
+        if self.rank == 0:
+            self._save_run_config()
 
     def _summary(self) -> None:
         cfg, d = self.cfg, self.dims
@@ -145,6 +148,19 @@ class Trainer:
                     f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
                     f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
+
+    def _save_run_config(self) -> None:
+        """<dump_folder>/config.json: the resolved configuration (recipe + overrides) and where it ran,
+        rewritten by every (re)start of the run."""
+        d = self.dims
+        record = {"config": self.cfg.to_dict(), "started_at_step": self.step, "world_size": d.world_size,
+                  "mesh": {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp},
+                  "applied": self.applied, "device": torch.cuda.get_device_name() if self.device.type == "cuda"
+                  else "cpu", "torch": torch.__version__}
+        path = Path(self.cfg.job.dump_folder) / "config.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)  # never a half-written file
 
     # ---- one optimizer step -------------------------------------------------------------
 
