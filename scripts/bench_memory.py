@@ -19,6 +19,7 @@ import json
 import sys
 
 import torch
+import torch.distributed as dist
 
 from torchtitan_sp.config import load_config
 from torchtitan_sp.estimate import GIB, LiveTensorBytes, Setup, estimate
@@ -42,9 +43,10 @@ COMMON = ["--config", "", "--training.dataset", "synthetic", "--metrics.enable_t
 
 
 def measure(argv: list[str], steps: int) -> dict:
-    """Train `steps` steps of the run `argv` in this process (one rank); its measured and estimated peak."""
+    """Train `steps` steps of the run `argv` on this rank (all ranks of the process group, if one is up);
+    its measured and estimated peak."""
     cfg = load_config(argv)
-    dims = validate(cfg, world_size=1)
+    dims = validate(cfg, world_size=dist.get_world_size() if dist.is_initialized() else 1)
     trainer = Trainer(cfg, dims)
     data = iter(trainer.dataloader)
     cuda = trainer.device.type == "cuda"

@@ -78,6 +78,24 @@ def test_estimate_within_15_percent_of_measured_cpu(tmp_path):
     assert tiled < full < 0.7 * none
 
 
+def test_cp_estimate_within_15_percent_of_measured_cpu(tmp_path):
+    """cp 2 over two processes, one tiled block with full AC, so that the peak is in the attention's
+    backward and the strategy's buffers (gathered/rotated K/V, fp32 accumulators) are what is checked."""
+    base = ["--config", "", "--model.flavor", "debug", "--model.n_layers", "1", "--training.seq_len", "8192",
+            "--training.local_batch_size", "1", "--metrics.enable_tensorboard", "false",
+            "--job.dump_folder", str(tmp_path), "--parallelism.context_parallel_degree", "2",
+            "--activation_checkpoint.mode", "full", "--activation_checkpoint.tiled_mlp_shards", "8"]
+    cases = {"ring": ["--parallelism.context_parallel_strategy", "ring"],
+             "ring, packed documents": ["--parallelism.context_parallel_strategy", "ring", "--training.dataset", "stdlib"],
+             "allgather": ["--parallelism.context_parallel_strategy", "allgather"],
+             "ulysses": ["--parallelism.context_parallel_strategy", "ulysses"]}
+    results = run_distributed(_bench, 2, [base + c for c in cases.values()])[0]
+    for name, r in zip(cases, results):
+        assert 0.85 < r["ratio"] < 1.15, (name, r)
+        if name != "ulysses":
+            assert r["estimated_phase"] == "top block backward, attention", (name, r)
+
+
 def test_goals():
     """One H100: the 4-layer 8B stack trains >= 256K tokens; 8 x H100 with cp 8: >= 1M tokens
     without offload (tiled MLP), >= 4M with activation offload."""

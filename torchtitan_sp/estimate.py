@@ -164,9 +164,16 @@ def backward_transients(s: Setup) -> tuple[float, float]:
 
 
 def _gathered_kv_buffers(s: Setup, stride_heads: float) -> float:
-    """allgather's buffers: two strides of gathered K/V (current + prefetched), fp32 dK/dV of one."""
-    stride = 2 * stride_heads * s.args.head_dim * s.batch * s.seq_len
-    return 2 * s.b * stride + 4 * stride + s.b * stride
+    """allgather's backward buffers for one stride of `stride_heads` KV heads (per rank, after TP):
+    per K/V element over the whole sequence, the gathered K/V, the next stride's in flight (when
+    there is one), a block's K/V copies and their gradients in the compute dtype, and the fp32 dK/dV
+    accumulator (the fp32 reduce-scatter buffer comes after the blocks, no larger); per query element
+    of the stride's query heads, a block's q, out and d_out copies."""
+    a = s.args
+    kv_elems = 2 * stride_heads * a.head_dim * s.batch * s.seq_len
+    q_elems = stride_heads * (a.n_heads // a.n_kv_heads) * a.head_dim * s.tokens
+    prefetch = stride_heads < a.n_kv_heads / s.tp
+    return (s.b * (3 + prefetch) + 4) * kv_elems + 3 * s.b * q_elems
 
 
 def attention_buffers(s: Setup) -> float:

@@ -25,7 +25,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
-from torchtitan_sp.attention.ulysses import exchange_order, gather_sequence, layout_indices
+from torchtitan_sp.attention.ulysses import exchange_order, gather_sequence
 
 
 def _runs(rank: int, cp_size: int, local_len: int, headtail: bool) -> list[tuple[int, int, int]]:
@@ -67,10 +67,12 @@ def _merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor,
 class _Gathered:
     """All-gathers one KV-head stride of k and v and returns it in natural token order."""
 
-    def __init__(self, group: dist.ProcessGroup, headtail: bool, seq_len: int, device: torch.device):
-        self.group, self.cp_size, self.headtail = group, dist.get_world_size(group), headtail
-        self.concat = layout_indices(seq_len, range(self.cp_size), self.cp_size, headtail, device)
-        self.natural = torch.argsort(self.concat)
+    def __init__(self, group: dist.ProcessGroup, headtail: bool, seq_len: int):
+        self.group, self.cp_size = group, dist.get_world_size(group)
+        # (rank, local start, global start, length) of every contiguous run of every rank's tokens:
+        # one copy per run moves between rank-major (collective) and natural (attention) order.
+        self.runs = [(r, *run) for r in range(self.cp_size)
+                     for run in _runs(r, self.cp_size, seq_len // self.cp_size, headtail)]
 
     def strides(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int
                 ) -> Iterator[tuple[slice, slice, torch.Tensor, torch.Tensor]]:
@@ -91,20 +93,19 @@ class _Gathered:
     def wait(self, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         full = funcol.wait_tensor(pending)  # (P*2, B, st, S_l, D), rank-major
         p, (_, b, st, s_l, d) = self.cp_size, full.shape
-        full = full.unflatten(0, (p, 2)).permute(1, 2, 3, 0, 4, 5).reshape(2, b, st, p * s_l, d)
-        if self.headtail:  # head-tail shards concatenated by rank permute the tokens; contiguous ones don't
-            full = full.index_select(3, self.natural)
-        k, v = full.unbind(0)
+        full = full.view(p, 2, b, st, s_l, d)
+        kv = full.new_empty(2, b, st, p * s_l, d)
+        for rank, start, gstart, n in self.runs:
+            kv[:, :, :, gstart:gstart + n] = full[rank, :, :, :, start:start + n]
+        k, v = kv.unbind(0)
         return k, v
 
-    def reduce_scatter(self, dk: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
-        """(B, st, S, D) full-sequence gradients summed over ranks -> this rank's (2, B, st, S_l, D)."""
-        p = self.cp_size
-        d = torch.stack([dk, dv])
-        if self.headtail:
-            d = d.index_select(3, self.concat)
-        d = d.unflatten(3, (p, -1)).permute(3, 0, 1, 2, 4, 5).flatten(0, 1).contiguous()
-        return funcol.wait_tensor(compat.reduce_scatter_single(d, "sum", 0, self.group))
+    def reduce_scatter(self, dkv: torch.Tensor) -> torch.Tensor:
+        """(2, B, st, S, D) full-sequence dK/dV summed over ranks -> this rank's (2, B, st, S_l, D)."""
+        send = dkv.new_empty(self.cp_size, *dkv.shape[:3], dkv.shape[3] // self.cp_size, dkv.shape[4])
+        for rank, start, gstart, n in self.runs:
+            send[rank, :, :, :, start:start + n] = dkv[:, :, :, gstart:gstart + n]
+        return funcol.wait_tensor(compat.reduce_scatter_single(send.flatten(0, 1), "sum", 0, self.group))
 
 
 class _AllGatherAttention(torch.autograd.Function):
@@ -112,7 +113,7 @@ class _AllGatherAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_starts: list[list[int]] | None,
                 group: dist.ProcessGroup, headtail: bool, stride: int) -> torch.Tensor:
         rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
-        gathered = _Gathered(group, headtail, q.shape[2] * cp_size, q.device)
+        gathered = _Gathered(group, headtail, q.shape[2] * cp_size)
         pieces = _pieces(_runs(rank, cp_size, q.shape[2], headtail), doc_starts)
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
@@ -133,11 +134,12 @@ class _AllGatherAttention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         group, headtail, stride, pieces = ctx.setup
-        gathered = _Gathered(group, headtail, q.shape[2] * dist.get_world_size(group), q.device)
+        gathered = _Gathered(group, headtail, q.shape[2] * dist.get_world_size(group))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for qh, kv_heads, kf, vf in gathered.strides(q, k, v, stride):
             # fp32 accumulation: several query pieces write into the same early keys.
-            dkf, dvf = (torch.zeros(kf.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+            dkv = torch.zeros((2, *kf.shape), dtype=torch.float32, device=q.device)
+            dkf, dvf = dkv.unbind(0)
             for rows, start, gstart, n, first in pieces:
                 mine = (rows, qh, slice(start, start + n))
                 qc, doc, oc, lc = q[mine], dout[mine], out[mine], lse[mine]
@@ -152,7 +154,7 @@ class _AllGatherAttention(torch.autograd.Function):
                     dkf[rows, :, before] += dkp
                     dvf[rows, :, before] += dvp
                 dq[mine] = dqc
-            dk[:, kv_heads], dv[:, kv_heads] = gathered.reduce_scatter(dkf, dvf).to(k.dtype).unbind(0)
+            dk[:, kv_heads], dv[:, kv_heads] = gathered.reduce_scatter(dkv).to(k.dtype).unbind(0)
         return dq, dk, dv, None, None, None, None
 
 
