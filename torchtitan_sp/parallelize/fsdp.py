@@ -17,7 +17,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def reshard_after_forward(policy: str, shard_ranks: int) -> bool:
     """With one rank per shard group, resharding frees only the 16-bit copy of a block (2 B per
-    parameter) and costs a second cast + copy of every block's parameters in backward."""
+    parameter) and costs a second cast + copy of every block's parameters in backward. (TorchTitan
+    applies no FSDP at all there, so it never reshards either; elsewhere "default" is its True.)"""
     return policy == "always" or (policy == "default" and shard_ranks > 1)
 
 
