@@ -49,6 +49,7 @@ def test_single_process_learns(reference):
     (4, ["--training.local_batch_size", "1"]),
     (4, ["--training.local_batch_size", "1", "--parallelism.data_parallel_replicate_degree", "2"]),  # HSDP
     (2, ["--training.local_batch_size", "1", "--training.global_batch_size", "4"]),  # grad accumulation
+    (2, ["--training.local_batch_size", "2", "--parallelism.fsdp_reshard_after_forward", "never"]),
 ])
 def test_fsdp_matches_single_process(tmp_path, reference, world, extra):
     metrics = run_distributed(train, world, tiny_args(tmp_path, *extra))[0]
