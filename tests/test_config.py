@@ -11,7 +11,7 @@ import pytest
 
 from torchtitan_sp.config import ConfigError, help_text, load_config, Config
 from torchtitan_sp.parallel_dims import ParallelDims
-from torchtitan_sp.validate import validate
+from torchtitan_sp.validate import check_local_gpus, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,6 +128,13 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert sorted(p.name for p in dump.iterdir()) == before
     assert (dump / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_more_processes_than_gpus_is_one_line():
+    check_local_gpus(8, 8)
+    check_local_gpus(4, 0)  # no GPU: CPU processes over gloo
+    with pytest.raises(ConfigError, match=r"^NGPU=8: only 4 GPU\(s\) are visible on this node; .*NGPU <= 4"):
+        check_local_gpus(8, 4)
 
 
 def test_run_train_bad_input_exits_2(tmp_path):

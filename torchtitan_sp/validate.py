@@ -51,6 +51,15 @@ def load_and_validate(argv: list[str] | None = None, world_size: int | None = No
         sys.exit(EXIT_BAD_INPUT)
 
 
+def check_local_gpus(world_size: int, visible: int) -> None:
+    """run_train.sh starts WORLD_SIZE processes on this node, one per GPU when there are GPUs
+    (with none, CPU processes over gloo, any number)."""
+    if 0 < visible < world_size:
+        raise ConfigError(f"NGPU={world_size}: only {visible} GPU(s) are visible on this node; run_train.sh "
+                          f"starts one process per GPU on one node (set NGPU <= {visible}, or see the README's "
+                          f"\"Several nodes\")")
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
@@ -61,6 +70,12 @@ def main() -> None:
         from torchtitan_sp.dry_run import dry_run
         dry_run(cfg, dims)
         sys.exit(EXIT_HANDLED)
+    import torch
+    try:
+        check_local_gpus(dims.world_size, torch.cuda.device_count())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
