@@ -102,7 +102,7 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
     r = subprocess.run(["./run_train.sh", "--job.dump_folder", str(dump), "--training.steps", "12",
                         "--metrics.log_freq", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "step    12" in r.stdout
+    assert "step    12" in r.stdout and "estimated peak memory per rank" in r.stdout
     metrics = read_metrics(dump)
     assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0

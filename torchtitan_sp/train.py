@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own de
 from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
+from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
@@ -148,6 +149,21 @@ class Trainer:
                     f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
                     f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
+        self._memory_summary()
+
+    def _memory_summary(self) -> None:
+        """The estimator's peak for this run (python -m torchtitan_sp.estimate prints the breakdown),
+        and a warning when it will not fit the GPU."""
+        est = estimate(Setup.from_config(self.cfg, self.dims, self.device.type), self.grad_accum)
+        line = f"estimated peak memory per rank {est['peak'] / GIB:.2f} GiB ({est['peak phase']})"
+        if self.device.type != "cuda":
+            logger.info(line)
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        logger.info(f"{line}, {est['reserved'] / GIB:.1f} GiB reserved, of {total / GIB:.1f} GiB")
+        if est["reserved"] > total:
+            logger.warning(f"the estimate exceeds this GPU's {total / GIB:.1f} GiB: expect out-of-memory; "
+                           "`python -m torchtitan_sp.estimate` with this run's arguments lists what fits")
 
     def _save_run_config(self) -> None:
         """<dump_folder>/config.json: the resolved configuration (recipe + overrides) and where it ran,
