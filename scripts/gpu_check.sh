@@ -3,9 +3,10 @@
 # TorchTitan 0.2.2 on the same card (with and without clipping), ring-attention efficiency, the
 # longest sequence on one GPU, and estimated vs measured memory. Results (JSON + logs) go to
 # $OUT (default ./outputs/gpu_check); the last thing printed is a summary table.
-# All steps at their limits take ~16 minutes, more than one 10-minute device call: split with SKIP, e.g.
-#   SKIP="long_seq memory parity block_mask cp_attention" bash scripts/gpu_check.sh   # throughput, ~7 min
+# All steps at their limits take ~18 minutes, more than one 10-minute device call: split with SKIP, e.g.
+#   SKIP="long_seq packed_s131072 memory parity block_mask cp_attention" bash scripts/gpu_check.sh   # ~7 min
 #   SKIP="ours_s8192 anchor_s8192 ours_s8192_noclip ablate_reshard ablate_foreach" bash scripts/gpu_check.sh
+# (the second call: long sequences, packed text at 128K, memory, parity, BlockMask, ring efficiency)
 #
 #   bash scripts/gpu_check.sh            # needs: a CUDA GPU, torch >= 2.11, torchdata
 # Optional: wheels in .whl/ (torchdata, and torchtitan 0.2.2 with its dependencies for the anchor,
@@ -49,6 +50,10 @@ skip ablate_foreach || step ablate_foreach 100 python3 scripts/bench_train.py --
 skip long_seq || step long_seq 130 python3 scripts/bench_train.py --steps 1 --warmup 1 --compile.enable false \
     --training.seq_len 262144 --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 \
     --out "$OUT/ours_s262144.json"
+# Packed real text at 128K on one GPU: FlexAttention with the compiled document BlockMask, in training.
+skip packed_s131072 || step packed_s131072 150 python3 scripts/bench_train.py --steps 2 --warmup 1 \
+    --compile.enable false --training.dataset stdlib --training.seq_len 131072 \
+    --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 --out "$OUT/ours_packed_s131072.json"
 skip memory || step memory 60 python3 scripts/bench_memory.py --cases none,full_tiled --out "$OUT/memory.json"
 skip parity || step parity 45 python3 scripts/gpu_attention_parity.py --out "$OUT/parity.json"
 skip block_mask || step block_mask 60 python3 scripts/bench_block_mask.py --seq 131072 --modes compiled \

@@ -29,6 +29,10 @@ def main(out: Path, logs: Path) -> None:
         rows.append(("train 8B/4 layers S=8192 (ours, compiled, no clipping: the anchor's work)",
                      f"{noclip['tok_s']:,} tok/s, MFU {noclip.get('mfu_causal_pct')}%"
                      + (f", ratio to TorchTitan {noclip['tok_s'] / tt[key]:.3f}" if tt else "")))
+    packed = load(out, "ours_packed_s131072.json")
+    if packed:
+        rows.append((f"packed text S={packed['seq_len']:,} (FlexAttention document mask, full AC)",
+                     f"{packed['tok_s']:,} tok/s, peak {packed.get('peak_mem_gib')} GiB, loss {packed['loss']}"))
     long = load(out, "ours_s262144.json")
     if long:
         rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
