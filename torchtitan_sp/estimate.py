@@ -163,8 +163,8 @@ def backward_transients(s: Setup) -> tuple[float, float]:
     return attn + b * a.dim / t, ffn + b * a.dim / t
 
 
-def _gathered_kv_buffers(s: Setup, stride_heads: float) -> float:
-    """allgather's backward buffers for one stride of `stride_heads` KV heads (per rank, after TP):
+def _gathered_kv_buffers(s: Setup, stride_heads: float, kv_heads: float) -> float:
+    """allgather's backward buffers for one stride of `stride_heads` of the `kv_heads` KV heads a rank attends:
     per K/V element over the whole sequence, the gathered K/V, the next stride's in flight (when
     there is one), a block's K/V copies and their gradients in the compute dtype, and the fp32 dK/dV
     accumulator (the fp32 reduce-scatter buffer comes after the blocks, no larger); per query element
@@ -172,7 +172,7 @@ def _gathered_kv_buffers(s: Setup, stride_heads: float) -> float:
     a = s.args
     kv_elems = 2 * stride_heads * a.head_dim * s.batch * s.seq_len
     q_elems = stride_heads * (a.n_heads // a.n_kv_heads) * a.head_dim * s.tokens
-    prefetch = stride_heads < a.n_kv_heads / s.tp
+    prefetch = stride_heads < kv_heads
     return (s.b * (3 + prefetch) + 4) * kv_elems + 3 * s.b * q_elems
 
 
@@ -182,10 +182,10 @@ def attention_buffers(s: Setup) -> float:
     d, dkv, hd = a.dim / t, a.n_kv_heads * a.head_dim / t, a.head_dim
     if s.cp == 1:
         return 0.0
-    if s.strategy in ("ring", "usp") and s.document_masks:  # all K/V heads gathered as one stride
+    if s.strategy in ("ring", "usp") and s.document_masks:  # allgather's pieces, one KV head per stride
         u = s.ulysses if s.strategy == "usp" else 1
         a2a = b * (d + 2 * dkv * max(a.n_kv_heads, u) / a.n_kv_heads) * T if u > 1 else 0
-        return _gathered_kv_buffers(s, max(a.n_kv_heads, u) / u / t) + a2a
+        return _gathered_kv_buffers(s, 1, max(a.n_kv_heads / t, u) / u) + a2a
     if s.strategy in ("ring", "usp"):
         u = s.ulysses if s.strategy == "usp" else 1
         kv = dkv * max(a.n_kv_heads, u) / a.n_kv_heads / u  # KV width per rank after the all-to-all
@@ -199,7 +199,7 @@ def attention_buffers(s: Setup) -> float:
     if s.strategy == "ulysses":
         kv_u = hd * max(a.n_kv_heads, s.cp) / t
         return b * (d + 2 * kv_u) * T  # one all-to-all's q/k/v (or their gradients) in flight
-    return _gathered_kv_buffers(s, s.heads_k_stride)
+    return _gathered_kv_buffers(s, s.heads_k_stride, a.n_kv_heads / t)
 
 
 def loss_bytes(s: Setup) -> float:
@@ -313,7 +313,8 @@ def describe(s: Setup) -> str:
     loss = f"chunked ({loss_chunk_tokens(s.args.vocab_size)} tokens per chunk)" if s.chunked_loss else "unchunked"
     cp = "" if s.cp == 1 else f", cp {cp_label(s)}"
     if s.cp > 1 and s.document_masks:
-        cp += ", packed documents" + (" (K/V gathered for document pieces)" if s.strategy in ("ring", "usp") else "")
+        cp += ", packed documents" + (" (run as allgather, one KV head per stride)" if s.strategy in ("ring", "usp")
+                                      else "")
     ac = s.ac_mode + (f" {s.sac_option}" if s.ac_mode == "selective" else "")
     return (f"compute {'bf16' if s.b == 2 else 'fp32'}, AC {ac}, tiled MLP {s.tiles if s.tiles > 1 else 'off'}, "
             f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}")

@@ -6,10 +6,10 @@ gradient uses that step's own K/V. We call it directly from an autograd.Function
 through the DTensor dispatcher: no DTensor wrapping, K/V travel with their Hkv heads (every block
 kernel takes GQA natively), and the rotate/load-balance options are scoped to this module.
 
-Packed documents: torch's ring knows only is_causal. With document ids the K/V of all ranks are
-all-gathered at once (what torch's ring does with rotate_method allgather, whatever the method set)
-and each query piece of a document attends to its document's keys on the unmasked kernels
-(attention/allgather.py with every KV head in one stride): the same bytes, no mask.
+Packed documents: torch's ring knows only is_causal. With document ids, K/V are all-gathered one KV
+head at a time instead (attention/allgather.py with heads_k_stride 1, the next head's gather
+overlapping this one's attention) and each query piece of a document attends to its document's keys
+on the unmasked kernels: the same bytes as the ring, no mask, one KV head's full-sequence K/V alive.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class TorchRingAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if document_ids is not None:
-            return allgather_attention(q, k, v, document_ids, self.group, self.load_balance, k.shape[1])
+            return allgather_attention(q, k, v, document_ids, self.group, self.load_balance, heads_k_stride=1)
         return ring_attention(q, k, v, self.group, self.rotate_method, self.load_balance)
 
     def extra_repr(self) -> str:

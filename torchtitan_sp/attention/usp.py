@@ -45,7 +45,7 @@ class USPAttention(nn.Module):
         if docs is None:
             out = ring_attention(q, k, v, self.ring_group, self.rotate_method, self.load_balance)
         else:
-            out = allgather_attention(q, k, v, docs, self.ring_group, self.load_balance, k.shape[1])
+            out = allgather_attention(q, k, v, docs, self.ring_group, self.load_balance, heads_k_stride=1)
         return self.exchange.gather_sequence(out)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,8 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
         apply_cp(model, meshes["cp"], p)
         docs = cfg.training.document_masks and p.context_parallel_strategy in ("ring", "usp")
         applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}"
-                       + (" (packed documents: K/V all-gathered, attended per document piece)" if docs else ""))
+                       + (" (packed documents: K/V all-gathered one head at a time, attended per document piece)"
+                          if docs else ""))
     ac = cfg.activation_checkpoint
     if apply_tiled_mlp(model, ac.tiled_mlp_shards):
         applied.append(f"tiled MLP {ac.tiled_mlp_shards}")
