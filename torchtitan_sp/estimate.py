@@ -182,19 +182,17 @@ def attention_buffers(s: Setup) -> float:
     d, dkv, hd = a.dim / t, a.n_kv_heads * a.head_dim / t, a.head_dim
     if s.cp == 1:
         return 0.0
-    if s.strategy in ("ring", "usp") and s.document_masks:  # allgather's pieces, one KV head per stride
-        u = s.ulysses if s.strategy == "usp" else 1
-        a2a = b * (d + 2 * dkv * max(a.n_kv_heads, u) / a.n_kv_heads) * T if u > 1 else 0
-        return _gathered_kv_buffers(s, 1, max(a.n_kv_heads / t, u) / u) + a2a
     if s.strategy in ("ring", "usp"):
         u = s.ulysses if s.strategy == "usp" else 1
         kv = dkv * max(a.n_kv_heads, u) / a.n_kv_heads / u  # KV width per rank after the all-to-all
+        a2a = b * (d + 2 * kv * u) * T if u > 1 else 0
+        if s.document_masks:  # run as allgather's document pieces, one KV head per stride
+            return _gathered_kv_buffers(s, 1, max(a.n_kv_heads / t, u) / u) + a2a
         r_tokens, ring = T * u, s.cp // u  # tokens per rank in the ring, ring size
         kv_comm = 2 * b * kv * (r_tokens * ring if s.rotate_method == "allgather" else 2 * r_tokens)
         # torch's ring backward: dq and dk/dv accumulators in fp32, the fp32 dk/dv rotation
         # (send + receive), one step's dq/dk/dv
         grads = (4 * d / u + 8 * kv + 16 * kv + b * (d / u + 2 * kv)) * r_tokens
-        a2a = b * (d + 2 * kv * u) * T if u > 1 else 0
         return kv_comm + grads + a2a
     if s.strategy == "ulysses":
         kv_u = hd * max(a.n_kv_heads, s.cp) / t

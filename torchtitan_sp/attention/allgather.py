@@ -16,7 +16,6 @@ fast unmasked kernels (cuDNN / flash on GPU). Strategies `ring` and `usp` use th
 from __future__ import annotations
 
 import bisect
-import weakref
 from typing import Any, Iterator
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
+from torchtitan_sp.attention.local import PerMicroBatch
 from torchtitan_sp.attention.ulysses import exchange_order, gather_sequence
 
 
@@ -158,25 +158,22 @@ class _AllGatherAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-# Document starts of the micro-batch, shared by every layer (they all receive the same document_ids
-# tensor object): one gather and one host sync per micro-batch, not per layer.
-_starts_cache: tuple[weakref.ref, list[list[int]]] | None = None
+# Shared by every layer: one gather and one host sync per micro-batch, not per layer.
+_document_starts = PerMicroBatch()
 
 
 def document_starts(document_ids: torch.Tensor, group: dist.ProcessGroup, load_balance: bool) -> list[list[int]]:
     """Per batch row, the global token indices where a document starts (0 first), from every cp
     rank's shard of the document ids."""
-    global _starts_cache
-    if _starts_cache is None or _starts_cache[0]() is not document_ids:
+    def starts() -> list[list[int]]:
         docs = gather_sequence(document_ids, group)
         if load_balance:  # rank-major head-tail shards -> natural token order
             cp = dist.get_world_size(group)
             docs = docs.index_select(1, exchange_order(docs.shape[1], cp, 0, 1, True, docs.device)[0])
         change = torch.ones_like(docs, dtype=torch.bool)
         change[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        starts = [row.nonzero().flatten().tolist() for row in change]
-        _starts_cache = (weakref.ref(document_ids), starts)
-    return _starts_cache[1]
+        return [row.nonzero().flatten().tolist() for row in change]
+    return _document_starts.get(document_ids, None, starts)
 
 
 # Runs eagerly inside compiled blocks: tracing the Function gains nothing (its work is aten

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,22 @@ def document_causal_mask(q_docs: torch.Tensor, kv_docs: torch.Tensor,
     return (same & causal)[:, None]
 
 
+class PerMicroBatch:
+    """One value derived from a micro-batch's document ids, kept while that ids tensor lives. Every
+    layer receives the same tensor object, so the work (a gather, a host sync, a BlockMask) runs for
+    the first layer only. Python state: call it from frames kept out of compiled graphs."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref, Hashable, Any] | None = None
+
+    def get(self, document_ids: torch.Tensor, key: Hashable, make: Callable[[], Any]) -> Any:
+        if self._entry is None or self._entry[0]() is not document_ids or self._entry[1] != key:
+            self._entry = (weakref.ref(document_ids), key, make())
+        return self._entry[2]
+
+
 _compiled: dict[str, Callable] = {}  # flex_attention and create_block_mask, compiled on first use
-_mask_cache: tuple[weakref.ref, "BlockMask"] | None = None
+_block_masks = PerMicroBatch()
 
 
 def document_block_mask(document_ids: torch.Tensor) -> "BlockMask":
@@ -51,13 +65,10 @@ def document_block_mask(document_ids: torch.Tensor) -> "BlockMask":
 def _flex_and_mask(document_ids: torch.Tensor) -> tuple[Callable, "BlockMask"]:
     """Compiled flex_attention and this micro-batch's BlockMask: built once, for the first layer
     (every layer receives the same document_ids tensor object), reused while that tensor lives."""
-    global _mask_cache
     from torch.nn.attention.flex_attention import flex_attention
     if "flex_attention" not in _compiled:
         _compiled["flex_attention"] = torch.compile(flex_attention)
-    if _mask_cache is None or _mask_cache[0]() is not document_ids:
-        _mask_cache = (weakref.ref(document_ids), document_block_mask(document_ids))
-    return _compiled["flex_attention"], _mask_cache[1]
+    return _compiled["flex_attention"], _block_masks.get(document_ids, None, lambda: document_block_mask(document_ids))
 
 
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

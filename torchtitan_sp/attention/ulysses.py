@@ -13,15 +13,13 @@ u / Hkv times so that every rank receives one whole KV head for its query heads.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from torchtitan_sp.attention import torch_cp_compat as compat
-from torchtitan_sp.attention.local import LocalAttention
+from torchtitan_sp.attention.local import LocalAttention, PerMicroBatch
 from torchtitan_sp.attention.sharding import shard_indices
 
 
@@ -77,7 +75,7 @@ def exchange_order(seq_len: int, u: int, ring_rank: int, ring_size: int, headtai
     return to_target, torch.argsort(to_target)
 
 
-_documents_cache: tuple[weakref.ref, tuple[int, int, int, bool], torch.Tensor] | None = None
+_scattered_documents = PerMicroBatch()
 
 
 class UlyssesExchange:
@@ -118,12 +116,9 @@ class UlyssesExchange:
         """This Ulysses group's document ids over the target tokens: gathered once per micro-batch
         and the same tensor object for every layer, so the inner attention's own per-micro-batch
         caches (FlexAttention BlockMask, document starts) hit from the second layer on."""
-        global _documents_cache
-        key = (self.u, self.ring_rank, self.ring_size, self.headtail)
-        if _documents_cache is None or _documents_cache[0]() is not document_ids or _documents_cache[1] != key:
-            docs = self._reorder(gather_sequence(document_ids, self.group), document_ids.shape[1], dim=1)
-            _documents_cache = (weakref.ref(document_ids), key, docs)
-        return _documents_cache[2]
+        return _scattered_documents.get(
+            document_ids, (self.u, self.ring_rank, self.ring_size, self.headtail),
+            lambda: self._reorder(gather_sequence(document_ids, self.group), document_ids.shape[1], dim=1))
 
     def gather_sequence(self, out: torch.Tensor) -> torch.Tensor:
         """Head-sharded output over the target tokens -> this rank's sequence shard, all heads."""
