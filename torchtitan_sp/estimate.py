@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from torchtitan_sp.attention import check_cp_attention
+from torchtitan_sp.attention import GATHERED_FOR_DOCUMENTS, check_cp_attention
 from torchtitan_sp.config import Config, ConfigError, load_config
 from torchtitan_sp.loss import loss_chunk_tokens, loss_is_chunked
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
@@ -182,7 +182,7 @@ def attention_buffers(s: Setup) -> float:
     d, dkv, hd = a.dim / t, a.n_kv_heads * a.head_dim / t, a.head_dim
     if s.cp == 1:
         return 0.0
-    if s.strategy in ("ring", "usp"):
+    if s.strategy in GATHERED_FOR_DOCUMENTS:  # ring, or usp's ring part
         u = s.ulysses if s.strategy == "usp" else 1
         kv = dkv * max(a.n_kv_heads, u) / a.n_kv_heads / u  # KV width per rank after the all-to-all
         a2a = b * (d + 2 * kv * u) * T if u > 1 else 0
@@ -311,8 +311,8 @@ def describe(s: Setup) -> str:
     loss = f"chunked ({loss_chunk_tokens(s.args.vocab_size)} tokens per chunk)" if s.chunked_loss else "unchunked"
     cp = "" if s.cp == 1 else f", cp {cp_label(s)}"
     if s.cp > 1 and s.document_masks:
-        cp += ", packed documents" + (" (run as allgather, one KV head per stride)" if s.strategy in ("ring", "usp")
-                                      else "")
+        cp += ", packed documents" + (" (run as allgather, one KV head per stride)"
+                                      if s.strategy in GATHERED_FOR_DOCUMENTS else "")
     ac = s.ac_mode + (f" {s.sac_option}" if s.ac_mode == "selective" else "")
     return (f"compute {'bf16' if s.b == 2 else 'fp32'}, AC {ac}, tiled MLP {s.tiles if s.tiles > 1 else 'off'}, "
             f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
 from torchtitan_sp.parallel_dims import ParallelDims
@@ -46,9 +47,13 @@ def load_and_validate(argv: list[str] | None = None, world_size: int | None = No
         cfg = load_config(argv)
         return cfg, validate(cfg, world_size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit_bad_input(e)
+
+
+def _exit_bad_input(e: Exception) -> NoReturn:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def check_local_gpus(world_size: int, visible: int) -> None:
@@ -74,8 +79,7 @@ def main() -> None:
     try:
         check_local_gpus(dims.world_size, torch.cuda.device_count())
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 STRATEGIES = ("ring", "ulysses", "usp", "allgather")
 ROTATE_METHODS = ("allgather", "alltoall")
+# torch's ring takes no mask: with packed documents these run as allgather, one KV head per stride.
+GATHERED_FOR_DOCUMENTS = ("ring", "usp")
 
 
 def _check_heads(key: str, degree: int, n_heads: int, n_kv_heads: int, what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
 
+from torchtitan_sp.attention import GATHERED_FOR_DOCUMENTS
 from torchtitan_sp.config import Config
 from torchtitan_sp.models.llama3 import Transformer
 from torchtitan_sp.parallelize.ac import apply_ac
@@ -23,7 +24,7 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
     if meshes["cp"].size() > 1:
         from torchtitan_sp.parallelize.cp import apply_cp
         apply_cp(model, meshes["cp"], p)
-        docs = cfg.training.document_masks and p.context_parallel_strategy in ("ring", "usp")
+        docs = cfg.training.document_masks and p.context_parallel_strategy in GATHERED_FOR_DOCUMENTS
         applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}"
                        + (" (packed documents: K/V all-gathered one head at a time, attended per document piece)"
                           if docs else ""))

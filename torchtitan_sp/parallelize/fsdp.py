@@ -23,7 +23,7 @@ def reshard_after_forward(policy: str, shard_ranks: int) -> bool:
 
 
 def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: str, reduce_dtype: str,
-               reshard_policy: str = "default") -> None:
+               reshard_policy: str) -> None:
     """fully_shard every block, then the root (embedding, final norm, output; FSDP2 keeps the
     root unsharded from forward to backward by itself).
 
