@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.dist_utils import free_port
 from tests.trainer_utils import read_metrics
+from torchtitan_sp.config import Optimizer
+from torchtitan_sp.optim import build_optimizer, restore_hyperparameters
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 5  # comm.train_timeout_seconds of these runs
@@ -164,6 +167,33 @@ def test_resume_on_other_meshes(reference: Path, tmp_path: Path) -> None:
         got = losses(dump)
         assert sorted(got) == list(range(6, 11))
         assert_close(got, want, range(6, 11), 1e-5)
+
+
+def test_resumed_run_follows_its_own_lr_keys(reference: Path, tmp_path: Path) -> None:
+    """Resumed at step 5 with another peak lr, warmup, decay and length: steps 6-8 run on the new
+    schedule (the saved optimizer's lr does not come back) and the last one at the new floor."""
+    copy_checkpoints(reference, tmp_path, "step-5")
+    train(tmp_path, 1, "--training.steps", "8", "--optimizer.lr", "0.004", "--lr_scheduler.warmup_steps", "2",
+          "--lr_scheduler.decay_type", "linear", "--lr_scheduler.min_lr_factor", "0.5")
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    decayed = [0.004 * (0.5 + 0.5 * (1 - k / 6)) for k in (4, 5, 6)]  # 6 decay steps after 2 of warmup
+    assert [lr[s] for s in (6, 7, 8)] == pytest.approx(decayed, rel=1e-9), lr
+
+
+def test_optimizer_keys_win_over_the_loaded_state() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    saved = build_optimizer([w], Optimizer(lr=0.1, weight_decay=0.2, beta1=0.8, eps=1e-6))
+    w.grad = torch.ones(3)
+    saved.step()
+    keys = Optimizer(lr=0.01, weight_decay=0.0)
+    resumed = build_optimizer([w], keys)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.param_groups[0]["weight_decay"] == 0.2  # what loading alone brings back
+    restore_hyperparameters(resumed, keys)
+    group = resumed.param_groups[0]
+    assert (group["lr"], group["initial_lr"], group["weight_decay"], group["betas"], group["eps"]) == \
+        (0.01, 0.01, 0.0, (keys.beta1, keys.beta2), keys.eps)
+    assert resumed.state[w]["step"] == 1 and resumed.state[w]["exp_avg"].abs().sum() > 0  # moments kept
 
 
 def test_missing_load_step_is_an_error(reference: Path, tmp_path: Path) -> None:

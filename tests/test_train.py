@@ -14,6 +14,7 @@ import pytest
 
 from tests.dist_utils import free_port, run_distributed
 from tests.trainer_utils import read_metrics, tiny_args, train
+from torchtitan_sp.config import load_config
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +43,18 @@ def test_single_process_learns(reference):
     for key in ("step", "loss", "grad_norm", "lr", "tps", "loss_max", "tokens_seen"):
         assert key in reference[0]
     assert reference[-1]["tokens_seen"] == 5 * 4 * 64
+
+
+def test_logged_lr_is_the_schedule_each_step_used(reference, tmp_path):
+    """Step 1 runs at lr / (warmup + 1), the last step at lr x min_lr_factor (linear decay between),
+    and each logged lr is the one its step used, not the next step's."""
+    cfg = load_config(tiny_args(tmp_path))
+    peak, warmup, floor = cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.lr_scheduler.min_lr_factor
+    assert cfg.lr_scheduler.decay_type == "linear" and warmup == 2 and floor > 0
+    logged = [m["lr"] for m in reference]
+    decay = [floor + (1 - floor) * (1 - k / 3) for k in (1, 2, 3)]  # 3 decay steps, the last at the floor
+    expected = [peak * f for f in [1 / 3, 2 / 3, *decay]]
+    assert logged == pytest.approx(expected, rel=1e-9), (logged, expected)
 
 
 @pytest.mark.parametrize("world, extra", [

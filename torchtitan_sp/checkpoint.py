@@ -1,11 +1,13 @@
 """DCP checkpoints: periodic saves, automatic resume (also onto another mesh), weight export, SIGTERM.
 
 Layout under <job.dump_folder>/<checkpoint.folder>:
-  step-N/      a complete checkpoint: model, optimizer, lr scheduler, data loaders, step, tokens_seen, RNG
+  step-N/      a complete checkpoint: model, optimizer, data loaders, step, tokens_seen, RNG
   step-N.tmp/  a save in progress. DCP writes here; rank 0 renames it to step-N once DCP has written
                its .metadata, which it does only after every rank's files are written. So a crash
                mid-save never leaves a partial step-N: resume skips (and rank 0 deletes) *.tmp.
   model.pt     checkpoint.export_final: the full model state dict alone (torch.save), for use elsewhere.
+The lr schedule is not saved: it is a function of the step and of the resumed run's keys, which
+win over the saved optimizer's lr, betas, eps and weight decay (so a resume may change them).
 
 Resharding: model and optimizer are saved as DTensor shards, which DCP loads onto any mesh.
 Data-loader states are saved per data-parallel rank ("dataloader.dp_rank_R"). With the same dp
@@ -112,7 +114,6 @@ class CheckpointManager:
         t = self.trainer
         model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
         return {"model": model_sd, "optimizer": optim_sd,
-                "lr_scheduler": pickle.dumps(t.scheduler.state_dict()),
                 "train_state": pickle.dumps({"step": t.step, "tokens_seen": t.tokens_seen}),
                 "dataloader": {f"dp_rank_{self.dp_rank}": pickle.dumps(t.dataloader.state_dict())},
                 "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())}}
@@ -158,7 +159,6 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path))
 
         set_state_dict(t.model, t.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        t.scheduler.load_state_dict(pickle.loads(state["lr_scheduler"]))
         train_state = pickle.loads(state["train_state"])
         t.step, t.tokens_seen = train_state["step"], train_state["tokens_seen"]
         self._load_dataloader([pickle.loads(state["dataloader"][key]) for key in loader_keys], old_dp == t.dims.dp)

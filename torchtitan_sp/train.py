@@ -33,7 +33,7 @@ from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
-from torchtitan_sp.optim import build_lr_scheduler, build_optimizer
+from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
 from torchtitan_sp.validate import load_and_validate
@@ -114,7 +114,6 @@ class Trainer:
             self.applied.append("compiled loss")
 
         self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler)
         self.dataloader = build_dataloader(cfg, self.model_args.vocab_size, dp_rank, dims.dp)
         self.grad_accum = dims.grad_accum_steps(cfg)
         t = cfg.training
@@ -127,6 +126,9 @@ class Trainer:
             from torchtitan_sp.checkpoint import CheckpointManager
             self.checkpointer = CheckpointManager(cfg, self)
             self.checkpointer.load()
+            if self.step:  # resumed
+                restore_hyperparameters(self.optimizer, cfg.optimizer)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler, self.step)
 
         self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
                                      color=not cfg.metrics.disable_color_printing, active=self.rank == 0,
@@ -250,9 +252,10 @@ class Trainer:
         if not grads_ok:
             logger.warning(f"{what}; skipping the optimizer step")
         self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step used, before the schedule moves on
         self.scheduler.step()
         self.tokens_seen += int(valid)
-        return {"loss": loss, "loss_max": loss_max, "grad_norm": grad_norm}
+        return {"loss": loss, "loss_max": loss_max, "grad_norm": grad_norm, "lr": lr}
 
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.grad is not None]
@@ -309,7 +312,7 @@ class Trainer:
         tps = self.tokens_per_step * steps / self.dims.world_size / elapsed  # per device
         tflops = self.flops_per_token * tps / 1e12
         m = {"loss": out["loss"], "loss_max": out["loss_max"], "grad_norm": out["grad_norm"],
-             "lr": self.scheduler.get_last_lr()[0], "tps": tps, "tokens_seen": self.tokens_seen,
+             "lr": out["lr"], "tps": tps, "tokens_seen": self.tokens_seen,
              "tflops": tflops if self.device.type == "cuda" else None,
              "mfu": 100 * tflops / self.peak if self.peak else None,
              "mem_gib": None, "data_pct": 100 * data_time / elapsed}
