@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,8 @@ def test_resume_matches_uninterrupted_run(reference: Path, tmp_path: Path) -> No
     # Stop after 5 steps (saved asynchronously), then resume to 10 in the same folder.
     train(tmp_path, 2, "--training.steps", "5", "--checkpoint.async_mode", "async")
     assert checkpoints(tmp_path) == ["step-5"]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # a line torn by a crash mid-write
     run = train(tmp_path, 2, "--checkpoint.keep_latest_k", "1")
     assert "resumed from" in run.log() and "at step 5" in run.log()
     got = losses(tmp_path)
@@ -196,11 +199,23 @@ def test_optimizer_keys_win_over_the_loaded_state() -> None:
     assert resumed.state[w]["step"] == 1 and resumed.state[w]["exp_avg"].abs().sum() > 0  # moments kept
 
 
-def test_missing_load_step_is_an_error(reference: Path, tmp_path: Path) -> None:
-    run = Run(tmp_path, 1, ("--checkpoint.folder", str(reference / "checkpoint"), "--checkpoint.load_step", "7"))
-    assert run.wait() == [1]
-    assert "checkpoint.load_step 7: no complete checkpoint step-7" in run.log()
-    assert "complete ones: [5, 10]" in run.log()
+@pytest.mark.parametrize("args, message", [
+    (("--checkpoint.load_step", "7"), "error: checkpoint.load_step 7: no complete checkpoint step-7 in "
+                                      ".*checkpoint \\(complete ones: \\[5, 10\\]\\)"),
+    # DCP alone would load the first block's weights of a two-block checkpoint and say nothing.
+    (("--model.n_layers", "1"), "error: checkpoint.load_step: .*step-10 holds another model than model.flavor "
+                                "'debug' \\(model.n_layers 1\\): layers.1.attention.wq.weight is \\[128, 128\\] "
+                                "there, absent here"),
+    (("--checkpoint.enable", "false", "--checkpoint.initial_load_path", "{tmp}"),
+     "error: checkpoint.initial_load_path: .* is not a DCP checkpoint folder \\(no .metadata\\)"),
+])
+def test_bad_checkpoint_is_one_line_before_training(reference: Path, tmp_path: Path, args: tuple, message: str) -> None:
+    shutil.copy(reference / "metrics.jsonl", tmp_path / "metrics.jsonl")  # an earlier run's records
+    args = tuple(a.format(tmp=tmp_path) for a in args)
+    run = Run(tmp_path, 1, ("--checkpoint.folder", str(reference / "checkpoint"), *args))
+    assert run.wait() == [2]
+    assert re.fullmatch(message, run.log().strip()), run.log()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
 
 
 def test_initial_weights_from_dcp_or_export(reference: Path, tmp_path: Path) -> None:

@@ -55,6 +55,13 @@ def test_config_path_and_name(tmp_path):
     (["steps"], "unexpected argument"),
     (["--activation_checkpoint.offload", "--activation_checkpoint.mode", "selective"],
      "activation_checkpoint.offload: needs activation_checkpoint.mode = 'full'"),
+    (["--optimizer.lr", "nan"], "optimizer.lr: must be > 0, got nan"),
+    (["--optimizer.beta1", "2"], "optimizer.beta1: must be in \\[0, 1\\), got 2"),
+    (["--optimizer.weight_decay", "-0.1"], "optimizer.weight_decay: must be >= 0"),
+    (["--lr_scheduler.warmup_steps", "-3"], "lr_scheduler.warmup_steps: must be >= 0, got -3"),
+    (["--lr_scheduler.min_lr_factor", "1.5"], "lr_scheduler.min_lr_factor: must be in \\[0, 1\\]"),
+    (["--comm.train_timeout_seconds", "0"], "comm.train_timeout_seconds: must be > 0, got 0"),
+    (["--checkpoint.load_step", "20"], "checkpoint.load_step: resuming from step 20 needs checkpoint.enable = true"),
 ])
 def test_bad_keys_and_types(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -103,6 +110,11 @@ def test_mesh_shapes(argv, world, shape):
     (["--training.global_batch_size", "5"], 2, "global_batch_size 5 must be a multiple of"),
     (["--activation_checkpoint.tiled_mlp_shards", "4", "--parallelism.tensor_parallel_degree", "2"], 2,
      "tiled_mlp_shards 4 does not combine with tensor_parallel_degree 2"),
+    (["--model.n_layers", "-1"], 1, "model.n_layers: 0 \\(all\\) to 2 for model.flavor 'debug', got -1"),
+    (["--model.n_layers", "3"], 1, "model.n_layers: 0 \\(all\\) to 2 for model.flavor 'debug', got 3"),
+    (["--activation_checkpoint.tiled_mlp_shards", "200", "--parallelism.context_parallel_degree", "2"], 2,
+     "tiled_mlp_shards: at most the 128 tokens per cp rank, got 200"),
+    (["--job.dump_folder", __file__], 1, "job.dump_folder: .*test_config.py is a file, not a folder"),
 ])
 def test_mesh_errors(argv, world, pattern):
     with pytest.raises(ConfigError, match=pattern):

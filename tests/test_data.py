@@ -329,6 +329,17 @@ def test_bad_input_while_streaming(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("texts, dp_size, rank", [(["", "  \n", ""], 1, 0), (["only one"], 2, 1)])
 def test_no_documents_for_a_rank(tmp_path: Path, texts: list[str], dp_size: int, rank: int) -> None:
-    ds = build_text_dataset(files_config(write_jsonl(tmp_path / "d.jsonl", texts)), rank, dp_size)
-    with pytest.raises(ValueError, match=f"training.dataset_path: no non-empty document for data-parallel rank {rank}"):
-        take(ds, 1)
+    cfg = files_config(write_jsonl(tmp_path / "d.jsonl", texts))
+    message = f"training.dataset_path: no non-empty document for data-parallel rank {rank} of {dp_size}"
+    with pytest.raises(ValueError, match=message):
+        take(build_text_dataset(cfg, rank, dp_size), 1)
+    with pytest.raises(ValueError, match=message):  # also before launch
+        check_data_config(cfg, dp_size)
+
+
+def test_every_rank_has_a_document_before_launch(tmp_path: Path) -> None:
+    # Documents 0-3 are dealt in turn: with 2 ranks rank 1 gets "" and "d", with 3 only "".
+    cfg = files_config(write_jsonl(tmp_path / "d.jsonl", ["a", "", "c", "d"]))
+    check_data_config(cfg, 2)
+    with pytest.raises(ValueError, match="no non-empty document for data-parallel rank 1 of 3"):
+        check_data_config(cfg, 3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.text import Cursor, resume_after
+from torchtitan_sp.models.llama3 import Transformer, model_args
 
 if TYPE_CHECKING:
     from torchtitan_sp.train import Trainer
@@ -63,6 +65,53 @@ def complete_checkpoints(folder: Path) -> dict[int, Path]:
         if m and (p / ".metadata").is_file():
             found[int(m.group(1))] = p
     return found
+
+
+def resume_path(folder: Path, load_step: int) -> Path | None:
+    """The checkpoint a run with checkpoint.enable resumes from: load_step's, else the newest, else none."""
+    found = complete_checkpoints(folder)
+    if load_step >= 0:
+        if load_step not in found:
+            raise FileNotFoundError(f"checkpoint.load_step {load_step}: no complete checkpoint step-{load_step} "
+                                    f"in {folder} (complete ones: {sorted(found) or 'none'})")
+        return found[load_step]
+    return found[max(found)] if found else None
+
+
+def check_checkpoint(cfg: Config) -> None:
+    """Before launch (validate.py): the DCP checkpoint the run would load exists and holds exactly
+    this model's parameters and shapes (DCP alone would load a cut model's subset without a word)."""
+    ck = cfg.checkpoint
+    key = "checkpoint.load_step"
+    path = resume_path(Path(cfg.job.dump_folder) / ck.folder, ck.load_step) if ck.enable else None
+    if path is None and ck.initial_load_path:
+        key, path = "checkpoint.initial_load_path", resolve_repo_path(ck.initial_load_path)
+        if path.is_file():  # an exported model.pt; its keys are checked when loaded
+            return
+    if path is None:
+        return
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"{key}: {path} is not a DCP checkpoint folder (no .metadata)")
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    have = {k: tuple(m.size) for k, m in saved.items() if k.startswith("model.") and hasattr(m, "size")}
+    with torch.device("meta"):
+        model = Transformer(model_args(cfg.model.flavor, cfg.model.n_layers))
+    want = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]
+    if differ:
+        k = differ[0]
+        raise ValueError(f"{key}: {path} holds another model than model.flavor {cfg.model.flavor!r} "
+                         f"(model.n_layers {cfg.model.n_layers}): {k[len('model.'):]} is "
+                         f"{list(have[k]) if k in have else 'absent'} there, "
+                         f"{list(want[k]) if k in want else 'absent'} here")
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl record; inf for a line that is not one."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -128,22 +177,12 @@ class CheckpointManager:
                 for p in self.folder.glob("step-*.tmp"):
                     logger.warning(f"removing incomplete checkpoint {p} (a save that did not finish)")
                     shutil.rmtree(p)
-            path = self._resume_path()
+            path = resume_path(self.folder, self.ck.load_step)
             if path is not None:
                 self._load_checkpoint(path)
                 return
         if self.ck.initial_load_path:
             self._load_weights(resolve_repo_path(self.ck.initial_load_path))
-
-    def _resume_path(self) -> Path | None:
-        found = complete_checkpoints(self.folder)
-        if self.ck.load_step >= 0:
-            if self.ck.load_step not in found:
-                raise FileNotFoundError(
-                    f"checkpoint.load_step {self.ck.load_step}: no complete checkpoint step-{self.ck.load_step} "
-                    f"in {self.folder} (complete ones: {sorted(found) or 'none'})")
-            return found[self.ck.load_step]
-        return found[max(found)] if found else None
 
     def _load_checkpoint(self, path: Path) -> None:
         t, start = self.trainer, time.perf_counter()
@@ -197,12 +236,12 @@ class CheckpointManager:
                            "cannot be resharded: the data stream restarts from its beginning")
 
     def _trim_metrics(self, step: int) -> None:
-        """Drop records of steps after the checkpoint (logged before a crash); the resumed run
-        appends them again."""
+        """Drop records of steps after the checkpoint (logged before a crash), and a line torn by
+        the crash; the resumed run appends them again."""
         if not self.metrics_file.exists():
             return
         lines = self.metrics_file.read_text().splitlines(keepends=True)
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = [ln for ln in lines if ln.endswith("\n") and _logged_step(ln) <= step]
         if len(kept) != len(lines):
             self.metrics_file.write_text("".join(kept))
 

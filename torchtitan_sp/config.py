@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import sys
 import textwrap
@@ -383,6 +384,28 @@ def check_values(cfg: Config) -> None:
     for key, val in positive.items():
         if val < 1:
             raise ConfigError(f"{key}: must be >= 1, got {val}")
+    o, ck = cfg.optimizer, cfg.checkpoint
+    ranges = {  # key: (value, rule, holds)
+        "optimizer.lr": (o.lr, "> 0", o.lr > 0 and math.isfinite(o.lr)),
+        "optimizer.beta1": (o.beta1, "in [0, 1)", 0 <= o.beta1 < 1),
+        "optimizer.beta2": (o.beta2, "in [0, 1)", 0 <= o.beta2 < 1),
+        "optimizer.eps": (o.eps, "> 0", o.eps > 0 and math.isfinite(o.eps)),
+        "optimizer.weight_decay": (o.weight_decay, ">= 0", o.weight_decay >= 0 and math.isfinite(o.weight_decay)),
+        "lr_scheduler.warmup_steps": (cfg.lr_scheduler.warmup_steps, ">= 0", cfg.lr_scheduler.warmup_steps >= 0),
+        "lr_scheduler.min_lr_factor": (cfg.lr_scheduler.min_lr_factor, "in [0, 1]",
+                                       0 <= cfg.lr_scheduler.min_lr_factor <= 1),
+        "training.max_norm": (t.max_norm, "finite (<= 0 disables clipping)", math.isfinite(t.max_norm)),
+        "checkpoint.keep_latest_k": (ck.keep_latest_k, ">= 0", ck.keep_latest_k >= 0),
+        "checkpoint.load_step": (ck.load_step, "-1 (newest) or >= 0", ck.load_step >= -1),
+        "comm.init_timeout_seconds": (cfg.comm.init_timeout_seconds, "> 0", cfg.comm.init_timeout_seconds > 0),
+        "comm.train_timeout_seconds": (cfg.comm.train_timeout_seconds, "> 0", cfg.comm.train_timeout_seconds > 0),
+    }
+    for key, (val, rule, holds) in ranges.items():
+        if not holds:
+            raise ConfigError(f"{key}: must be {rule}, got {val}")
+    if ck.load_step >= 0 and not ck.enable:
+        raise ConfigError(f"checkpoint.load_step: resuming from step {ck.load_step} needs checkpoint.enable = true "
+                          "(checkpoint.initial_load_path starts from weights alone)")
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
         raise ConfigError(f"parallelism.data_parallel_shard_degree: must be -1 or >= 1, got {p.data_parallel_shard_degree}")
     sac = cfg.activation_checkpoint.selective_ac_option

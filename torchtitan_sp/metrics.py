@@ -43,22 +43,26 @@ class MetricsLogger:
     def __init__(self, dump_folder: Path, enable_tensorboard: bool, color: bool, active: bool, first_step: int):
         """`first_step` > 1 on resume: metrics.jsonl is appended to (the checkpointer has cut it
         back to the resumed step), and TensorBoard hides earlier runs' events from this step on."""
+        self.folder, self.tensorboard, self.first_step = dump_folder, enable_tensorboard, first_step
         self.active = active
         self.color = color
         self.writer = None
         self.jsonl = None
-        if not active:
-            return
-        dump_folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(dump_folder / "metrics.jsonl", "a" if first_step > 1 else "w")
-        if enable_tensorboard:
+
+    def _open(self) -> None:
+        """At the first logged step: a run that fails before it leaves an earlier run's records as they were."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.folder / "metrics.jsonl", "a" if self.first_step > 1 else "w")
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: a run that logged past its last checkpoint would otherwise show those steps twice.
-            self.writer = SummaryWriter(log_dir=str(dump_folder / "tb"), purge_step=first_step)
+            self.writer = SummaryWriter(log_dir=str(self.folder / "tb"), purge_step=self.first_step)
 
     def log(self, step: int, m: dict[str, Any]) -> None:
         if not self.active:
             return
+        if self.jsonl is None:
+            self._open()
         record = {"step": step, **{k: v for k, v in m.items() if v is not None}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()

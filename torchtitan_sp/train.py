@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -44,7 +45,8 @@ CUDA_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
 
 
 def init_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    # Every rank logs; run_train.sh's LOG_RANK picks which ranks' output is shown.
+    logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s rank" + str(rank) + "] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout, force=True)
 
@@ -136,8 +138,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
-        if self.rank == 0:
-            self._save_run_config()
 
     def _summary(self) -> None:
         cfg, d = self.cfg, self.dims
@@ -169,13 +169,14 @@ class Trainer:
 
     def _save_run_config(self) -> None:
         """<dump_folder>/config.json: the resolved configuration (recipe + overrides) and where it ran,
-        rewritten by every (re)start of the run."""
+        rewritten by every (re)start of the run after its first step."""
         d = self.dims
-        record = {"config": self.cfg.to_dict(), "started_at_step": self.step, "world_size": d.world_size,
+        record = {"config": self.cfg.to_dict(), "started_at_step": self.step - 1, "world_size": d.world_size,
                   "mesh": {"dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "cp": d.cp, "tp": d.tp},
                   "applied": self.applied, "device": torch.cuda.get_device_name() if self.device.type == "cuda"
                   else "cpu", "torch": torch.__version__}
         path = Path(self.cfg.job.dump_folder) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(path)  # never a half-written file
@@ -296,6 +297,8 @@ class Trainer:
                 window_steps += 1
                 if self.step == first_step:
                     set_collective_timeout(cfg.comm.train_timeout_seconds, self.meshes)
+                    if self.rank == 0:  # once a step has run: a run that fails earlier overwrites nothing
+                        self._save_run_config()
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:
                     elapsed = time.perf_counter() - window_start
                     self._log(out, elapsed, data_time, window_steps)
@@ -341,8 +344,11 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:  # bad input: load_and_validate exits 2
         code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
+    except BaseException as e:
         traceback.print_exc()
+        # torchrun's failure summary names the root cause from this file, also for ranks whose
+        # output LOG_RANK hides.
+        get_error_handler().record_exception(e)
         code = 1
     # Leave without interpreter finalization: a gloo worker thread can still be releasing its last
     # collective's tensors, and their Python decref during finalization aborts the process

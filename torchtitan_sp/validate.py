@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
@@ -23,9 +24,19 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(cfg, world_size)
     dims.validate(cfg)
     p = cfg.parallelism
+    if Path(cfg.job.dump_folder).is_file():
+        raise ConfigError(f"job.dump_folder: {cfg.job.dump_folder} is a file, not a folder")
+    from torchtitan_sp.models.llama3 import FLAVORS
+    flavor_layers = FLAVORS[cfg.model.flavor].n_layers
+    if not 0 <= cfg.model.n_layers <= flavor_layers:
+        raise ConfigError(f"model.n_layers: 0 (all) to {flavor_layers} for model.flavor {cfg.model.flavor!r}, "
+                          f"got {cfg.model.n_layers}")
+    tokens = cfg.training.seq_len // dims.cp
+    if cfg.activation_checkpoint.tiled_mlp_shards > tokens:
+        raise ConfigError(f"activation_checkpoint.tiled_mlp_shards: at most the {tokens} tokens per cp rank, "
+                          f"got {cfg.activation_checkpoint.tiled_mlp_shards}")
     if dims.cp > 1:
         from torchtitan_sp.attention import check_cp_attention
-        from torchtitan_sp.models.llama3 import FLAVORS
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
@@ -33,9 +44,12 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
                            rotate_method=p.context_parallel_rotate_method)
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config
-        check_data_config(cfg)
+        check_data_config(cfg, dims.dp)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
+    if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
+        from torchtitan_sp.checkpoint import check_checkpoint
+        check_checkpoint(cfg)
     return dims
 
 

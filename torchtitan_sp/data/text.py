@@ -279,9 +279,22 @@ def _checked_inputs(cfg: Config) -> tuple[Tokenizer, list[Path], str]:
     return tokenizer, files, "training.dataset_path"
 
 
-def check_data_config(cfg: Config) -> None:
-    """The start-up checks of build_text_dataset, run before any process starts (validate.py)."""
-    _checked_inputs(cfg)
+def check_data_config(cfg: Config, dp_size: int = 1) -> None:
+    """The start-up checks of build_text_dataset, run before any process starts (validate.py), and
+    that every data-parallel rank gets a document in the first epoch (document d goes to rank
+    d mod dp_size, so a corpus of fewer documents than ranks fails at the first step)."""
+    _, files, key = _checked_inputs(cfg)
+    missing, doc = set(range(dp_size)), 0
+    for path in Corpus(files, cfg.debug.seed, 0, 1, key).order(0):
+        for text_of in _records(path, 0):
+            if doc % dp_size in missing and text_of().strip():
+                missing.discard(doc % dp_size)
+                if not missing:
+                    return
+            doc += 1
+    raise ValueError(f"{key}: no non-empty document for data-parallel rank {min(missing)} of {dp_size} "
+                     f"({len(files)} files hold {doc} documents, dealt to the ranks in turn; a .txt file is "
+                     f"one document)")
 
 
 def build_text_dataset(cfg: Config, dp_rank: int, dp_size: int) -> TextDataset:
