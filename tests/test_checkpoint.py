@@ -181,6 +181,11 @@ def test_resumed_run_follows_its_own_lr_keys(reference: Path, tmp_path: Path) ->
     lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
     decayed = [0.004 * (0.5 + 0.5 * (1 - k / 6)) for k in (4, 5, 6)]  # 6 decay steps after 2 of warmup
     assert [lr[s] for s in (6, 7, 8)] == pytest.approx(decayed, rel=1e-9), lr
+    # Started again at its end: says so and leaves the records alone.
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    run = train(tmp_path, 1, "--training.steps", "8")
+    assert "resumed at step 8 >= training.steps 8: nothing to train" in run.log()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
 
 def test_optimizer_keys_win_over_the_loaded_state() -> None:

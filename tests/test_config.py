@@ -76,6 +76,11 @@ def test_bad_toml(tmp_path):
     p.write_text("[training]\nsequence = 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'training.sequence'"):
         load_config(["--config", str(p)])
+    p.write_bytes(b"[training]\nsteps = 3 # \xff\n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML: 'utf-8' codec can't decode"):
+        load_config(["--config", str(p)])
+    with pytest.raises(ConfigError, match="is a folder; give a .toml file"):
+        load_config(["--config", str(tmp_path)])
 
 
 def test_help_lists_every_key():

@@ -320,6 +320,8 @@ def resolve_config_path(name: str) -> Path:
     p = Path(name)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise ConfigError(f"--config {name}: is a folder; give a .toml file")
     if not p.is_absolute() and (CONFIG_DIR / name).is_file():
         return CONFIG_DIR / name
     available = ", ".join(sorted(x.name for x in CONFIG_DIR.glob("*.toml")))
@@ -354,8 +356,8 @@ def load_config(argv: list[str] | None = None) -> Config:
     if config_file != "":  # --config "" means dataclass defaults only
         path = resolve_config_path(config_file or DEFAULT_RECIPE)
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for sec, table in data.items():
             if not isinstance(table, dict):
