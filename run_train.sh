@@ -1,24 +1,40 @@
 #!/usr/bin/env bash
 # Train on one node: ./run_train.sh [--config NAME.toml] [--section.key value ...]
-#   NGPU      processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)
-#   LOG_RANK  ranks whose output is shown (default 0; e.g. 0,1)
+# Relative paths (--config ./my.toml, dataset, dump folder) are relative to where you run it;
+# a bare --config name is looked up in this repo's train_configs/.
+#   NGPU              processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)
+#   LOG_RANK          ranks whose output is shown (default 0; e.g. 0,1)
+#   SHUTDOWN_TIMEOUT  seconds the workers get after SIGTERM to finish the step and save a checkpoint
+#                     before they are killed (default 300); the run then exits 143
 # Multi-node: see README ("Several nodes") and scripts/slurm_train.sh.
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
+# This checkout's package, not another one that happens to be installed.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+bad_input() { echo "error: $1" >&2; exit 2; }
 
 # A fresh machine with only Python and pip: install what is missing first.
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
 if ! "$PYTHON" -c "import torchtitan_sp, torchdata, tiktoken, tensorboard" 2>/dev/null; then
-    "$PYTHON" -m pip install -q -e .
+    "$PYTHON" -m pip install -q -e "$REPO"
 fi
 
 if [ -z "${NGPU:-}" ]; then
     NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
     [ "$NGPU" -gt 0 ] || NGPU=4
 fi
+[[ "$NGPU" =~ ^[1-9][0-9]*$ ]] || bad_input "NGPU=$NGPU: must be a whole number >= 1 (processes to start)"
+LOG_RANK=${LOG_RANK:-0}
+[[ "$LOG_RANK" =~ ^[0-9]+(,[0-9]+)*$ ]] || bad_input "LOG_RANK=$LOG_RANK: must be ranks like 0 or 0,1"
+for r in ${LOG_RANK//,/ }; do
+    [ "$((10#$r))" -lt "$NGPU" ] || bad_input "LOG_RANK=$LOG_RANK: each rank must be below NGPU=$NGPU"
+done
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
+[[ "$SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]] || bad_input "SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT: must be whole seconds"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # Validate before starting processes: bad input exits 2 with one line; --help and dry runs end here.
@@ -27,6 +43,16 @@ WORLD_SIZE=$NGPU "$PYTHON" -m torchtitan_sp.validate "$@" || rc=$?
 if [ "$rc" -eq 3 ]; then exit 0; fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
-    --local-ranks-filter "${LOG_RANK:-0}" --role rank --tee 3 \
+# torchrun, except that a stop by signal exits 128 + signal (143 for SIGTERM) instead of a traceback:
+# torchrun has then passed the signal on and waited up to SHUTDOWN_TIMEOUT for the workers to save.
+exec "$PYTHON" -c '
+import sys
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.run import main
+try:
+    main()
+except SignalException as e:
+    sys.exit(128 + e.sigval)
+' --standalone --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

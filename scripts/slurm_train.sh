@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Multi-node training under SLURM: one torchrun per node, rendezvous on the first node.
 #   sbatch --nodes 4 scripts/slurm_train.sh --config llama8b_cp4.toml --parallelism.context_parallel_degree 8
+# On SIGTERM (time limit, scancel) the workers finish the step and save a checkpoint; torchrun waits
+# SHUTDOWN_TIMEOUT seconds (default 300) for that, but SLURM kills KillWait seconds (a site setting, often 30)
+# after its SIGTERM: for longer saves have the signal sent early, e.g. sbatch --signal=TERM@360.
 #SBATCH --job-name=torchtitan_sp
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -14,5 +17,6 @@ WORLD_SIZE=$((SLURM_NNODES * GPUS_PER_NODE)) python3 -m torchtitan_sp.validate "
 srun python3 -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:29500" --rdzv_id "$SLURM_JOB_ID" \
+    --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
     --local-ranks-filter 0 --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

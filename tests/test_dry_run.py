@@ -58,3 +58,33 @@ def test_run_train_sh_dry_run_uses_ngpu():
                        capture_output=True, timeout=120, env={**os.environ, "NGPU": "8"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 8" in r.stdout and "torch.distributed.run" not in r.stdout
+
+
+def test_dry_run_says_which_device_and_dtype_it_estimates(capsys, monkeypatch):
+    """A dry run plans a GPU run (bf16 as configured) on any machine, and says so; without a GPU it
+    adds that a run here would compute in fp32 on CPU (what the trainer's start-up line estimates)."""
+    import torch
+
+    from torchtitan_sp.config import load_config
+    from torchtitan_sp.dry_run import dry_run as print_dry_run
+    from torchtitan_sp.validate import validate
+
+    cpu_note = ("; no GPU here: a run on this machine computes in fp32 on CPU, estimated by "
+                "`python -m torchtitan_sp.estimate --device cpu --world_size 8` with the same arguments")
+    for dtype, name in (("bfloat16", "bf16"), ("float32", "fp32")):
+        cfg = load_config(["--config", "llama8b_cp4.toml", "--training.mixed_precision_param", dtype])
+        for gpu in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+            print_dry_run(cfg, validate(cfg, 8))
+            lines = capsys.readouterr().out.splitlines()
+            i = next(i for i, line in enumerate(lines) if line.startswith("memory estimate"))
+            assert lines[i] == (f"memory estimate for CUDA GPUs of 79 GiB, compute in {name} "
+                                "(training.mixed_precision_param)" + ("" if gpu else cpu_note))
+            assert lines[i + 1].startswith(f"estimated memory per GPU (GiB), compute {name}, ")
+
+
+def test_dry_run_says_when_it_does_not_fit():
+    rc, out = dry_run("--config", "llama3_70b.toml", world=8)
+    assert rc == 3, out
+    assert ("does not fit: 141.04 GiB reserved per GPU > 79 GiB; it fits with more GPUs: dp_shard 2 "
+            "(world size 16)") in out.splitlines()

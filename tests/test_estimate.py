@@ -15,6 +15,7 @@ from tests.dist_utils import run_distributed
 from torchtitan_sp.config import load_config
 from torchtitan_sp.estimate import (GIB, Setup, attention_buffers, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
                                     param_counts)
+from torchtitan_sp.estimate import main as estimate_main
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.validate import validate
 
@@ -118,9 +119,94 @@ def test_cli(tmp_path):
     for text in ("world size 8", "32,768 tokens per rank", "peak of live tensors", "within 80 GiB",
                  "ring (rotate allgather)", "ulysses", "allgather (heads_k_stride 1)", "+ offload"):
         assert text in r.stdout, text
+    # the recipe's degrees give the world size, and it fits
+    assert "assumed" not in r.stdout and "\ndoes not fit" not in r.stdout
     bad = subprocess.run([sys.executable, "-m", "torchtitan_sp.estimate", "--config", "llama8b_cp4.toml",
                           "--world_size", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size is 4" in bad.stderr
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the estimator's CLI, run in this process."""
+    try:
+        estimate_main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu_mem_gib"], "error: --gpu_mem_gib: needs a value"),
+    (["--gpu_mem_gib", "--device", "cpu"], "error: --gpu_mem_gib: needs a value"),
+    (["--gpu_mem_gib", "abc"], "error: --gpu_mem_gib: expected a positive number (GiB per GPU), got 'abc'"),
+    (["--gpu_mem_gib=0"], "error: --gpu_mem_gib: expected a positive number (GiB per GPU), got '0'"),
+    (["--world_size", "0"], "error: --world_size: expected a positive integer (ranks of the run), got '0'"),
+    (["--world_size", "2.5"], "error: --world_size: expected a positive integer (ranks of the run), got '2.5'"),
+    (["--device", "tpu"], "error: --device: 'tpu' is not valid; choose one of cuda | cpu"),
+    (["--worldsize", "8"], "error: --worldsize: unknown option; the estimator's are --world_size N"),
+], ids=["gpu_mem_gib-last", "gpu_mem_gib-then-option", "gpu_mem_gib-abc", "gpu_mem_gib=0", "world_size-0",
+        "world_size-2.5", "device-tpu", "unknown-option"])
+def test_cli_bad_option_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = cli(capsys, "--config", "llama8b_cp4.toml", *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_cli_help_prints_usage(capsys):
+    code, out, err = cli(capsys, "--config", "llama8b_cp4.toml", "--help")
+    assert (code, err) == (0, "")
+    assert out.startswith("usage: python -m torchtitan_sp.estimate")
+    for text in ("--world_size N", "--gpu_mem_gib G", "--device D",
+                 "config keys (--section.key value): ./run_train.sh --help"):
+        assert text in out, text
+
+
+def test_cli_assumed_world_size_and_does_not_fit(capsys, monkeypatch):
+    """llama3_70b leaves the world size open (dp_shard -1): the header says which one is assumed; at 8
+    GPUs it needs 141 GiB per GPU, and the does-not-fit line names a world size that fits."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, out, _ = cli(capsys, "--config", "llama3_70b.toml")
+    lines = out.splitlines()
+    assert code == 0 and "; world size 8 (assumed): " in lines[0]
+    assert lines[1] == ("world size 8 assumed (one 8-GPU node): the recipe's data_parallel_shard_degree = -1 takes "
+                        "whatever world size the run has; set it with --world_size N")
+    reserved = next(line.split()[-1] for line in lines if line.strip().startswith("reserved"))
+    advice = [line for line in lines if line.startswith("does not fit")]
+    assert advice == [f"does not fit: {reserved} GiB reserved per GPU > 79 GiB; it fits with more GPUs: dp_shard 2 "
+                      "(world size 16)"]
+    # nothing fits at any seq_len in the table: "-" and its legend, not "0K"
+    assert lines[-2].split() == ["local", "(cp", "1)", "-", "-", "-", "-"]
+    assert lines[-1] == "  -: does not fit even at the shortest seq_len tried, 16,384 (2 x cp x tp x 1024)"
+    assert "0K" not in out
+
+    code, out, _ = cli(capsys, "--config", "llama3_70b.toml", "--world_size", "16")
+    assert code == 0 and "world size 16: " in out and "assumed" not in out and "\ndoes not fit" not in out
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    code, out, _ = cli(capsys, "--config", "llama3_70b.toml")
+    assert code == 0 and out.splitlines()[1].startswith("world size 32 from WORLD_SIZE: ")
+
+
+def test_cli_does_not_fit_names_single_changes_that_fit(capsys):
+    """llama8b_cp4 (33.9 GiB) in 30 GiB: each change the line names makes the estimate fit."""
+    code, out, _ = cli(capsys, "--config", "llama8b_cp4.toml", "--gpu_mem_gib", "30")
+    advice = [line for line in out.splitlines() if line.startswith("does not fit")]
+    assert code == 0 and advice == [
+        "does not fit: 33.90 GiB reserved per GPU > 30 GiB; it fits with full AC + tiled MLP 8 + offload, "
+        "or more GPUs: dp_shard 4 (world size 16), or seq_len 98,304"]
+    fixes = (["--activation_checkpoint.tiled_mlp_shards", "8", "--activation_checkpoint.offload", "true"],
+             ["--world_size", "16", "--parallelism.data_parallel_shard_degree", "4"],
+             ["--training.seq_len", "98304"])
+    for fix in fixes:
+        code, out, _ = cli(capsys, "--config", "llama8b_cp4.toml", "--gpu_mem_gib", "30", *fix)
+        assert code == 0 and "\ndoes not fit" not in out, fix
+    # one step short of each is still too much
+    code, out, _ = cli(capsys, "--config", "llama8b_cp4.toml", "--gpu_mem_gib", "30",
+                       "--activation_checkpoint.tiled_mlp_shards", "8")
+    assert "\ndoes not fit" in out
+    code, out, _ = cli(capsys, "--config", "llama8b_cp4.toml", "--gpu_mem_gib", "30", "--training.seq_len", "106496")
+    assert "\ndoes not fit" in out
 
 
 def test_plot_metrics_writes_pngs(tmp_path):

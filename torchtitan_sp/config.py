@@ -51,7 +51,7 @@ class Model:
     flavor: str = "debug"
     """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
     n_layers: int = 0
-    """Keep only the first N blocks of the flavor (0 = all): benchmarks and memory checks of a cut model."""
+    """Blocks (0 = the flavor's): fewer keep the flavor's first N (benchmarks of a cut model)."""
     tokenizer_path: str = "assets/tokenizer/tokenizer.model"
     """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative paths resolve against the repo)."""
 
@@ -388,6 +388,7 @@ def check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {val}")
     o, ck = cfg.optimizer, cfg.checkpoint
     ranges = {  # key: (value, rule, holds)
+        "model.n_layers": (cfg.model.n_layers, ">= 0 (0 = the flavor's)", cfg.model.n_layers >= 0),
         "optimizer.lr": (o.lr, "> 0", o.lr > 0 and math.isfinite(o.lr)),
         "optimizer.beta1": (o.beta1, "in [0, 1)", 0 <= o.beta1 < 1),
         "optimizer.beta2": (o.beta2, "in [0, 1)", 0 <= o.beta2 < 1),

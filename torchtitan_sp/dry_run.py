@@ -2,7 +2,8 @@
 
 Prints the mesh (degrees and the flattened dims each job uses), the model built on the meta device
 and parallelized up to FSDP (tiled MLP and AC applied, so the printed structure is the real one),
-its parameter counts, the tokens per rank, and the memory estimate of torchtitan_sp.estimate.
+its parameter counts, the tokens per rank, and the memory estimate of torchtitan_sp.estimate (for
+CUDA GPUs, whatever this machine has: a dry run plans a GPU run).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from torchtitan_sp.config import Config
-from torchtitan_sp.estimate import DEFAULT_GPU_MEM_GIB, Setup, breakdown_text, max_seq_table, param_counts
+from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, breakdown_text, fit_advice, max_seq_table,
+                                    param_counts)
 from torchtitan_sp.models.llama3 import Transformer, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.ac import apply_ac
@@ -72,6 +74,14 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
           + (f", {per_rank // dims.tp:,} between blocks (/ tp {dims.tp})" if dims.tp > 1 else "")
           + f"; {t.local_batch_size * t.seq_len * dims.dp * accum:,} per optimizer step "
           f"(dp {dims.dp} x grad accumulation {accum})")
-    s = Setup.from_config(cfg, dims, "cuda")
+    s = Setup.from_config(cfg, dims, "cuda")  # a dry run plans a GPU run, whatever this machine has
+    assumed = (f"memory estimate for CUDA GPUs of {DEFAULT_GPU_MEM_GIB:g} GiB, compute in "
+               f"{'bf16' if s.b == 2 else 'fp32'} (training.mixed_precision_param)")
+    if not torch.cuda.is_available():  # the trainer's start-up line here estimates the CPU run instead
+        assumed += ("; no GPU here: a run on this machine computes in fp32 on CPU, estimated by `python -m "
+                    f"torchtitan_sp.estimate --device cpu --world_size {dims.world_size}` with the same arguments")
+    print(assumed)
     print(breakdown_text(s, accum))
+    if advice := fit_advice(s, DEFAULT_GPU_MEM_GIB, accum, p.fsdp_reshard_after_forward):
+        print(advice)
     print(max_seq_table(s, DEFAULT_GPU_MEM_GIB, accum))

@@ -1,10 +1,8 @@
 """Per-GPU memory of a run, from the model shape and the parallel degrees, without running it.
 
-    python -m torchtitan_sp.estimate --config llama8b_cp4.toml [--section.key value ...]
-        [--world_size N] [--gpu_mem_gib 79] [--device cuda|cpu]
-
-prints the breakdown of the peak (steady state: optimizer states exist) and the longest seq_len
-that fits in --gpu_mem_gib for each CP strategy and memory option. `dry_run` reuses `estimate`.
+`python -m torchtitan_sp.estimate` (USAGE below) prints the breakdown of the peak (steady state:
+optimizer states exist), what to change when it does not fit in --gpu_mem_gib, and the longest
+seq_len that fits for each CP strategy and memory option. `dry_run` reuses `estimate`.
 
 The model of the peak (bytes per rank; T = local_batch x seq_len / cp tokens, b = bytes of the
 compute dtype, d / dkv / F = dim / KV width / ffn hidden, tp divides what it shards):
@@ -54,6 +52,14 @@ ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation over the peak of live 
 CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers: outside the allocator
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 DEFAULT_GPU_MEM_GIB = 79.0  # an "80 GB" H100 has 79.1 GiB
+DEFAULT_WORLD_SIZE = 8  # one node, when neither the recipe's degrees nor WORLD_SIZE give it
+USAGE = f"""usage: python -m torchtitan_sp.estimate [--config NAME.toml] [--section.key value ...]
+                                       [--world_size N] [--gpu_mem_gib G] [--device cuda|cpu]
+  --world_size N   ranks of the run (default: the recipe's degrees; with data_parallel_shard_degree = -1
+                   WORLD_SIZE, else {DEFAULT_WORLD_SIZE})
+  --gpu_mem_gib G  GiB per GPU for the fit check and the seq_len table (default {DEFAULT_GPU_MEM_GIB:g}: an 80 GB H100)
+  --device D       cuda: compute in training.mixed_precision_param (default); cpu: fp32, as the trainer on CPU
+config keys (--section.key value): ./run_train.sh --help"""
 
 
 @dataclass(frozen=True)
@@ -373,12 +379,43 @@ def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
     rows = cp_strategies(s)
     cols = memory_options(s)
     lines.append(f"  {'':<28}" + "".join(f"{c:>18}" for c in cols))
+    none_fit = False
     for row in rows:
         name = "local (cp 1)" if s.cp == 1 else cp_label(row)
         vals = [max_seq_len(dataclasses.replace(row, ac_mode=c.ac_mode, tiles=c.tiles, offload=c.offload),
                             gpu_mem_gib, grad_accum) for c in cols.values()]
-        lines.append(f"  {name:<28}" + "".join(f"{_tokens(v):>18}" for v in vals))
+        none_fit |= 0 in vals
+        lines.append(f"  {name:<28}" + "".join(f"{_tokens(v) if v else '-':>18}" for v in vals))
+    if none_fit:
+        shortest = 2 * s.cp * s.tp * 1024
+        lines.append(f"  -: does not fit even at the shortest seq_len tried, {shortest:,} (2 x cp x tp x 1024)")
     return "\n".join(lines)
+
+
+def fit_advice(s: Setup, gpu_mem_gib: float, grad_accum: int, reshard_policy: str) -> str | None:
+    """None when the run fits in gpu_mem_gib; else one line: it does not, and each single change the
+    estimator finds that makes it fit (memory options, more GPUs, a shorter seq_len)."""
+    reserved = estimate(s, grad_accum)["reserved"]
+    if reserved <= gpu_mem_gib * GIB:
+        return None
+    fixes = []
+    options = memory_options(s)
+    names = list(options)  # "no AC", then full AC and what each further column adds to it
+    first = next((i for i in range(1, len(names)) if fits(options[names[i]], gpu_mem_gib, grad_accum)), None)
+    if first:
+        fixes.append(" ".join(names[1:first + 1]))
+    for k in (s.dp_shard * 2**j for j in range(1, 11)):  # FSDP shards the fp32 states over dp_shard x cp
+        more = dataclasses.replace(s, dp_shard=k, reshard=reshard_after_forward(reshard_policy, k * s.cp))
+        if fits(more, gpu_mem_gib, grad_accum):
+            fixes.append(f"more GPUs: dp_shard {k} (world size {s.dp_replicate * k * s.cp * s.tp})")
+            break
+    if longest := max_seq_len(s, gpu_mem_gib, grad_accum):
+        fixes.append(f"seq_len {longest:,}")
+    line = f"does not fit: {reserved / GIB:.2f} GiB reserved per GPU > {gpu_mem_gib:g} GiB"
+    if not fixes:
+        return line + ("; neither full AC, tiled MLP, offload, up to 1024x the GPUs (dp_shard) nor a shorter "
+                       "seq_len makes it fit")
+    return line + "; it fits with " + ", or ".join(fixes)
 
 
 def default_world_size(cfg: Config) -> int:
@@ -387,34 +424,84 @@ def default_world_size(cfg: Config) -> int:
     if p.data_parallel_shard_degree > 0:
         return (p.data_parallel_replicate_degree * p.data_parallel_shard_degree * p.context_parallel_degree
                 * p.tensor_parallel_degree)
-    return int(os.environ.get("WORLD_SIZE", 8))
+    return int(os.environ.get("WORLD_SIZE", DEFAULT_WORLD_SIZE))
+
+
+def parse_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The estimator's own options, and the rest of argv for load_config; ConfigError on a bad one."""
+    opts: dict[str, Any] = {"world_size": None, "gpu_mem_gib": DEFAULT_GPU_MEM_GIB, "device": "cuda"}
+    rest, i = [], 0
+    while i < len(argv):
+        name, eq, val = argv[i].partition("=")
+        key = name[2:]
+        if not name.startswith("--") or "." in key or key == "config":
+            rest.append(argv[i])
+            i += 1
+            continue
+        if key not in opts:  # load_config would only say "options are --section.key"
+            raise ConfigError(f"{name}: unknown option; the estimator's are --world_size N, --gpu_mem_gib G, "
+                              "--device cuda|cpu (--help), config keys are --section.key value")
+        if not eq:
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{name}: needs a value")
+            val, i = argv[i + 1], i + 1
+        opts[key] = _option_value(key, val)
+        i += 1
+    return opts, rest
+
+
+def _option_value(key: str, val: str) -> int | float | str:
+    if key == "device":
+        if val not in ("cuda", "cpu"):
+            raise ConfigError(f"--device: {val!r} is not valid; choose one of cuda | cpu")
+        return val
+    try:
+        num = int(val) if key == "world_size" else float(val)
+        if num > 0 and math.isfinite(num):
+            return num
+    except ValueError:
+        pass
+    kind = "integer (ranks of the run)" if key == "world_size" else "number (GiB per GPU)"
+    raise ConfigError(f"--{key}: expected a positive {kind}, got {val!r}")
+
+
+def world_size_note(cfg: Config) -> str | None:
+    """How the world size was chosen when the recipe leaves it open (data_parallel_shard_degree = -1)."""
+    if cfg.parallelism.data_parallel_shard_degree > 0:
+        return None
+    source = "from WORLD_SIZE" if "WORLD_SIZE" in os.environ else f"assumed (one {DEFAULT_WORLD_SIZE}-GPU node)"
+    return (f"world size {default_world_size(cfg)} {source}: the recipe's data_parallel_shard_degree = -1 takes "
+            "whatever world size the run has; set it with --world_size N")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts = {"--world_size": None, "--gpu_mem_gib": str(DEFAULT_GPU_MEM_GIB), "--device": "cuda"}
-    for key in opts:
-        if key in argv:
-            i = argv.index(key)
-            opts[key] = argv[i + 1]
-            del argv[i:i + 2]
+    if "--help" in argv or "-h" in argv:
+        print(USAGE)
+        sys.exit(0)
     from torchtitan_sp.validate import validate
 
     try:
+        opts, argv = parse_options(argv)
         cfg = load_config(argv)
-        world = int(opts["--world_size"] or default_world_size(cfg))
+        world = opts["world_size"] or default_world_size(cfg)
         dims = validate(cfg, world)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    s, accum = Setup.from_config(cfg, dims, opts["--device"]), dims.grad_accum_steps(cfg)
+    s, accum = Setup.from_config(cfg, dims, opts["device"]), dims.grad_accum_steps(cfg)
+    note = None if opts["world_size"] else world_size_note(cfg)
     n, _, _ = param_counts(s.args)
     print(f"Llama 3 {cfg.model.flavor}" + (f" cut to {s.args.n_layers} layers" if cfg.model.n_layers else "")
-          + f": {n:,} parameters; world size {world}: dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} "
-          f"x cp {dims.cp} x tp {dims.tp}; seq_len {s.seq_len:,} x local batch {s.batch} -> "
-          f"{s.tokens:,} tokens per rank")
+          + f": {n:,} parameters; world size {world}{' (assumed)' if note else ''}: dp_replicate "
+          f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp}; seq_len {s.seq_len:,} "
+          f"x local batch {s.batch} -> {s.tokens:,} tokens per rank")
+    if note:
+        print(note)
     print(breakdown_text(s, accum))
-    print(max_seq_table(s, float(opts["--gpu_mem_gib"]), accum))
+    if advice := fit_advice(s, opts["gpu_mem_gib"], accum, cfg.parallelism.fsdp_reshard_after_forward):
+        print(advice)
+    print(max_seq_table(s, opts["gpu_mem_gib"], accum))
 
 
 class LiveTensorBytes(TorchDispatchMode):

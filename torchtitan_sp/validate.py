@@ -26,17 +26,13 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     p = cfg.parallelism
     if Path(cfg.job.dump_folder).is_file():
         raise ConfigError(f"job.dump_folder: {cfg.job.dump_folder} is a file, not a folder")
-    from torchtitan_sp.models.llama3 import FLAVORS
-    flavor_layers = FLAVORS[cfg.model.flavor].n_layers
-    if not 0 <= cfg.model.n_layers <= flavor_layers:
-        raise ConfigError(f"model.n_layers: 0 (all) to {flavor_layers} for model.flavor {cfg.model.flavor!r}, "
-                          f"got {cfg.model.n_layers}")
     tokens = cfg.training.seq_len // dims.cp
     if cfg.activation_checkpoint.tiled_mlp_shards > tokens:
         raise ConfigError(f"activation_checkpoint.tiled_mlp_shards: at most the {tokens} tokens per cp rank, "
                           f"got {cfg.activation_checkpoint.tiled_mlp_shards}")
     if dims.cp > 1:
         from torchtitan_sp.attention import check_cp_attention
+        from torchtitan_sp.models.llama3 import FLAVORS
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,

@@ -1,0 +1,94 @@
+"""run_train.sh as users run it: from their own directory, with bad environment variables, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TRAIN = str(REPO / "run_train.sh")
+TINY = ["--training.seq_len", "64", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """This environment without the launcher's variables a developer may have set, plus `extra`."""
+    base = {k: v for k, v in os.environ.items() if k not in ("NGPU", "LOG_RANK", "SHUTDOWN_TIMEOUT")}
+    return {**base, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_relative_paths_resolve_against_the_callers_directory(tmp_path: Path) -> None:
+    """--config, training.dataset_path and job.dump_folder given relative to the working directory."""
+    (tmp_path / "tiny").mkdir()
+    for i in range(3):
+        (tmp_path / "tiny" / f"doc{i}.txt").write_text(f"document {i} of a tiny corpus. " * 40)
+    (tmp_path / "my.toml").write_text('[job]\ndump_folder = "./out"\n[training]\ndataset = "files"\nsteps = 2\n')
+    r = subprocess.run([RUN_TRAIN, "--config", "./my.toml", "--training.dataset_path", "./tiny", *TINY],
+                       cwd=tmp_path, env=env(NGPU="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2]
+    run = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert run["config"]["training"]["dataset_path"] == "./tiny"
+
+
+def test_bare_config_name_is_found_in_the_repo(tmp_path: Path) -> None:
+    r = subprocess.run([RUN_TRAIN, "--config", "llama3_8b.toml", "--job.dry_run"], cwd=tmp_path,
+                       env=env(NGPU="8"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "8B" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("bad", [{"NGPU": "0"}, {"NGPU": "abc"}, {"NGPU": "2", "LOG_RANK": "2"},
+                                 {"NGPU": "2", "LOG_RANK": "0;1"}, {"NGPU": "1", "SHUTDOWN_TIMEOUT": "5m"}])
+def test_bad_variable_is_one_line_and_exit_2(tmp_path: Path, bad: dict[str, str]) -> None:
+    name = list(bad)[-1]
+    r = subprocess.run([RUN_TRAIN, "--job.dump_folder", str(tmp_path / "d")], cwd=tmp_path, env=env(**bad),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout == "" and r.stderr.startswith(f"error: {name}={bad[name]}: ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "d").exists()
+
+
+def stop_with_sigterm(tmp_path: Path, **extra: str) -> tuple[int, str]:
+    """Start a long run, SIGTERM run_train.sh once training has started, return (exit code, output)."""
+    log = tmp_path / "log"
+    args = [RUN_TRAIN, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "100000",
+            "--checkpoint.enable", "--checkpoint.interval", "100000", *TINY]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env(NGPU="2", **extra), stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while "step     1" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=120), log.read_text()
+    finally:
+        if proc.poll() is None:  # a hang: torchrun's own SIGTERM handling ends the workers too
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path) -> None:
+    code, out = stop_with_sigterm(tmp_path)
+    assert code == 143, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    saved = [p.name for p in (tmp_path / "run" / "checkpoint").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-"), saved
+    assert f"SIGTERM: saved {saved[0]}" in out
+
+
+def test_shutdown_timeout_is_the_workers_grace_period(tmp_path: Path) -> None:
+    """With no grace at all torchrun kills the workers before they can save: the variable reaches it."""
+    code, out = stop_with_sigterm(tmp_path, SHUTDOWN_TIMEOUT="0")
+    assert code == 143, out[-3000:]
+    assert "forcefully exiting" in out, out[-3000:]
+    assert not list((tmp_path / "run" / "checkpoint").glob("step-*"))
