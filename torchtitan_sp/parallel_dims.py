@@ -6,6 +6,7 @@ fails with one line instead of a hang. Degree-1 dims cost nothing: 1 and N ranks
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -99,5 +100,9 @@ class ParallelDims:
         meshes["dp_shard_cp"] = world["dp_shard", "cp"]._flatten("dp_shard_cp")
         meshes["dp_cp"] = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         if self.dp_replicate > 1:
-            meshes["hsdp"] = world["dp_replicate", "dp_shard_cp"]
+            with warnings.catch_warnings():
+                # torch 2.13 warns that slicing a flattened dim is to be deprecated; the alternative
+                # (_unflatten of dp_cp) would create two more process groups for the same ranks.
+                warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+                meshes["hsdp"] = world["dp_replicate", "dp_shard_cp"]
         return meshes
