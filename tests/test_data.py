@@ -19,7 +19,7 @@ from torchtitan_sp.config import Config, load_config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.data.packing import Packer
 from torchtitan_sp.data.text import (Cursor, TextDataset, build_text_dataset, check_data_config,
-                                     check_tokenizer_vocab, resume_after, stdlib_files)
+                                     check_tokenizer_vocab, resolve_files, resume_after, stdlib_files)
 
 KEYS = ("tokens", "labels", "positions", "document_ids")
 
@@ -250,6 +250,40 @@ def test_json_array_and_txt_folder(tmp_path: Path) -> None:
     ds = build_text_dataset(files_config(tmp_path), 0, 1)
     docs = ds.corpus.documents(Cursor(0, 0, 0, 0))
     assert sorted(next(docs)[1] for _ in range(3)) == ["first", "second", "whole\n\nfile, one document\n"]
+
+
+def test_folder_skips_hidden_files_and_takes_any_suffix_case(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "a.JSONL", ["upper-case suffix"])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write_jsonl(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ["a copy: would be read twice"])
+    (tmp_path / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07Mac OS X")  # macOS AppleDouble metadata
+    assert [p.name for p in resolve_files(str(tmp_path))] == ["a.JSONL"]
+    check_data_config(files_config(tmp_path))
+    assert next(build_text_dataset(files_config(tmp_path), 0, 1).corpus.documents(Cursor(0, 0, 0, 0)))[1] == \
+        "upper-case suffix"
+
+
+def test_jsonl_record_with_a_lone_carriage_return(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "first",\r"id": 0}\r\n{"text": "second"}\n')  # CR: JSON whitespace
+    docs = build_text_dataset(files_config(tmp_path / "d.jsonl"), 0, 1).corpus.documents(Cursor(0, 0, 0, 0))
+    assert [next(docs)[1] for _ in range(2)] == ["first", "second"]
+
+
+def test_later_epoch_without_a_document_for_a_rank_is_skipped(tmp_path: Path) -> None:
+    """Three one-document files, one empty, two ranks: epoch 0 gives rank 1 "beta" (checked before
+    launch), but some later shuffles give it only the empty document; those epochs are skipped."""
+    for name, text in (("a", "alpha"), ("b", "beta"), ("c", "")):
+        write_jsonl(tmp_path / f"{name}.jsonl", [text])
+    cfg = files_config(tmp_path, "--debug.seed", "1")
+    check_data_config(cfg, 2)
+    corpus = build_text_dataset(cfg, 1, 2).corpus
+    orders = [[p.stem for p in corpus.order(e)] for e in range(10)]
+    empty = [e for e, order in enumerate(orders) if order[1] == "c"]  # epochs that give rank 1 nothing
+    assert empty and empty[0] > 0, orders
+    docs = corpus.documents(Cursor(0, 0, 0, 0))
+    got = [next(docs) for _ in range(10 - len(empty))]
+    assert [c.epoch for c, _ in got] == [e for e in range(10) if e not in empty]
+    assert all(text in ("alpha", "beta") for _, text in got)
 
 
 def test_parquet(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from torchtitan_sp.config import REPO_ROOT, resolve_repo_path
 from torchtitan_sp.data.text import read_text, stdlib_files
-from torchtitan_sp.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from torchtitan_sp.data.tokenizer import _LONG_RUN, MAX_RUN_CHARS, SPECIAL_TOKENS, Tokenizer
 from torchtitan_sp.models.llama3 import FLAVORS
 
 SHIPPED = resolve_repo_path("assets/tokenizer/tokenizer.model")
@@ -73,6 +73,11 @@ def test_long_runs(tok: Tokenizer) -> None:
     # tiktoken's regex overflows on runs this long unless they are cut first
     for text in (" " * 200_000, "x" * 60_001 + "\n" * 30_000 + "y"):
         assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+    # The cut finds a run only where it starts: a match tried inside every run would rescan the
+    # rest of it each time (quadratic: seconds per long base64 blob or minified line).
+    run = "ab " + "x" * (MAX_RUN_CHARS + 5)
+    assert [m.span() for m in _LONG_RUN.finditer(run)] == [(3, len(run))]
+    assert _LONG_RUN.match(run, 4) is None and _LONG_RUN.match(" " * (MAX_RUN_CHARS + 5), 1) is None
 
 
 def test_special_tokens_follow_ranks(tok: Tokenizer, tmp_path: Path) -> None:

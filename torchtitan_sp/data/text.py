@@ -66,6 +66,10 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
 def resolve_files(pattern: str) -> list[Path]:
     """training.dataset_path -> sorted files: a file, a folder (searched recursively) or a glob."""
     if not pattern:
@@ -81,9 +85,10 @@ def resolve_files(pattern: str) -> list[Path]:
         matches = [path]
     files = set()
     for m in matches:
-        if m.is_dir():
-            files.update(f for f in m.rglob("*") if f.suffix in SUPPORTED and f.is_file())
-        elif m.suffix in SUPPORTED:
+        if m.is_dir():  # hidden files and folders (.ipynb_checkpoints, macOS ._ files) are not data
+            files.update(f for f in m.rglob("*") if _suffix(f) in SUPPORTED and f.is_file()
+                         and not any(part.startswith(".") for part in f.relative_to(m).parts))
+        elif _suffix(m) in SUPPORTED:
             files.add(m)
         else:
             raise ValueError(f"training.dataset_path: {m}: unsupported file type; use .txt, .jsonl, .json or .parquet")
@@ -94,7 +99,7 @@ def resolve_files(pattern: str) -> list[Path]:
 
 def check_file(path: Path) -> None:
     """Fail at start-up, not mid-run, on a file whose first record has no text (or no pyarrow)."""
-    if path.suffix == ".parquet":
+    if _suffix(path) == ".parquet":
         pq = _parquet_module(path)
         try:
             names = pq.read_schema(path).names
@@ -102,7 +107,7 @@ def check_file(path: Path) -> None:
             raise ValueError(f"training.dataset_path: {path}: not a readable parquet file ({e})") from None
         if "text" not in names:
             raise ValueError(f"training.dataset_path: {path}: no \"text\" column (columns: {', '.join(names)})")
-    elif path.suffix not in PLAIN:
+    elif _suffix(path) not in PLAIN:
         first = next(_records(path, 0), None)
         if first is not None:
             first()
@@ -117,10 +122,10 @@ def check_tokenizer_vocab(n_words: int, model_vocab: int, source: str = "the tok
 def _records(path: Path, start: int) -> Iterator[Callable[[], str]]:
     """The file's records from index `start` on, each a call that returns its text, so that only
     the rank that owns a record parses it."""
-    if path.suffix in PLAIN:
+    if _suffix(path) in PLAIN:
         if start == 0:
             yield partial(read_text, path)
-    elif path.suffix == ".parquet":
+    elif _suffix(path) == ".parquet":
         yield from _parquet_records(path, start)
     elif _is_json_array(path):
         try:
@@ -130,7 +135,8 @@ def _records(path: Path, start: int) -> Iterator[Callable[[], str]]:
         for i in range(start, len(records)):
             yield partial(_text_field, path, f"element {i}", records[i])
     else:
-        with path.open(encoding="utf-8-sig", errors="replace") as f:
+        # newline="\n": a lone CR is JSON whitespace, not the end of a record.
+        with path.open(encoding="utf-8-sig", errors="replace", newline="\n") as f:
             for lineno, line in enumerate(islice(f, start, None), start + 1):
                 yield partial(_json_line, path, lineno, line)
 
@@ -213,7 +219,9 @@ class Corpus:
                             yield Cursor(epoch, f, item, doc), text
                     doc += 1
                 first_item = 0
-            if whole_epoch and not found:  # else the stream would spin forever
+            # Epoch 0 is checked before launch (check_data_config). A later epoch's shuffle can leave
+            # a rank only empty documents in a tiny corpus: that epoch is skipped.
+            if whole_epoch and not found and epoch == 0:  # else the stream would spin forever
                 raise ValueError(f"{self.key}: no non-empty document for data-parallel rank {self.dp_rank} "
                                  f"of {self.dp_size} ({len(self.files)} files hold {doc} documents)")
             epoch, first_file, doc = epoch + 1, 0, 0

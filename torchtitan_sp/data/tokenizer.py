@@ -28,9 +28,11 @@ SPECIAL_TOKENS = _NAMED_SPECIALS + [f"<|reserved_special_token_{2 + i}|>"
                                     for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIALS))]
 
 # tiktoken's regex runs out of backtracking stack on very long runs of whitespace (or of
-# non-whitespace), so such runs are cut into pieces first, as Meta's tokenizer does.
+# non-whitespace), so such runs are cut into pieces first, as Meta's tokenizer does. A match
+# starts only where a run starts (the look-behinds): tried at every position inside a run, it
+# would rescan the run's rest each time, quadratic in the run's length.
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(rf"\s{{{MAX_RUN_CHARS + 1},}}|\S{{{MAX_RUN_CHARS + 1},}}")
+_LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}|(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}")
 
 
 def load_ranks(path: Path) -> dict[bytes, int]:
