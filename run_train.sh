@@ -39,7 +39,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # Validate before starting processes: bad input exits 2 with one line; --help and dry runs end here.
 rc=0
-WORLD_SIZE=$NGPU "$PYTHON" -m torchtitan_sp.validate "$@" || rc=$?
+WORLD_SIZE=$NGPU NPROC_PER_NODE=$NGPU "$PYTHON" -m torchtitan_sp.validate "$@" || rc=$?
 if [ "$rc" -eq 3 ]; then exit 0; fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 

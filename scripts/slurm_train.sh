@@ -13,7 +13,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=1
 # Validate once (exit 2 on bad input) with the job's world size before starting every node.
-WORLD_SIZE=$((SLURM_NNODES * GPUS_PER_NODE)) python3 -m torchtitan_sp.validate "$@" || { rc=$?; [ "$rc" -eq 3 ] && exit 0; exit "$rc"; }
+WORLD_SIZE=$((SLURM_NNODES * GPUS_PER_NODE)) NPROC_PER_NODE=$GPUS_PER_NODE python3 -m torchtitan_sp.validate "$@" || { rc=$?; [ "$rc" -eq 3 ] && exit 0; exit "$rc"; }
 srun python3 -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:29500" --rdzv_id "$SLURM_JOB_ID" \

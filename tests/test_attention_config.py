@@ -6,8 +6,7 @@ import pytest
 
 from torchtitan_sp.attention import check_cp_attention
 
-BASE = dict(strategy="ring", cp_degree=4, ulysses_degree=1, heads_k_stride=1, n_heads=32, n_kv_heads=8,
-            load_balance=True)
+BASE = dict(strategy="ring", cp_degree=4, ulysses_degree=1, heads_k_stride=1, n_heads=32, n_kv_heads=8)
 
 
 def _check(**overrides) -> None:
@@ -16,7 +15,6 @@ def _check(**overrides) -> None:
 
 @pytest.mark.parametrize("overrides", [
     {},
-    dict(load_balance=False),
     dict(strategy="ring", rotate_method="alltoall"),
     dict(strategy="ulysses", cp_degree=8),
     dict(strategy="ulysses", cp_degree=16),  # Llama-3-8B: 8 KV heads replicated to 16

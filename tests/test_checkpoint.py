@@ -257,15 +257,27 @@ def test_kill_during_save_resumes_from_last_complete(reference: Path, tmp_path: 
     assert codes[1 - victim] not in (0, None), run.logs()
     assert time.monotonic() - killed < TIMEOUT + 10, "the surviving rank did not give up within the timeout"
     assert list(ckpt.glob("step-*.tmp")), "the kill missed the save: nothing partial to skip"
-    complete = [p.name for p in ckpt.glob("step-*") if not p.name.endswith(".tmp")]
+    # Complete: renamed, or written with its .metadata but killed before the rename (then published).
+    complete = [int(p.name[5:].removesuffix(".tmp")) for p in ckpt.glob("step-*") if (p / ".metadata").is_file()]
     assert complete, "no complete checkpoint before the kill"
-    newest = max(int(n[5:]) for n in complete)
+    newest = max(complete)
 
     run = train(tmp_path, 2, *args)
     assert f"resumed from {ckpt / f'step-{newest}'} at step {newest}" in run.log(), run.log()
     assert not list(ckpt.glob("*.tmp"))
     assert checkpoints(tmp_path) == ["step-10", "step-9"]
     assert_close(losses(tmp_path), losses(reference), range(newest + 1, 11), 1e-6)
+
+
+def test_save_stopped_before_its_rename_is_published(reference: Path, tmp_path: Path) -> None:
+    """step-10.tmp with DCP's .metadata: complete, the run stopped before renaming it; resume
+    publishes and uses it. step-12.tmp without .metadata: unfinished, removed."""
+    copy_checkpoints(reference, tmp_path, "step-5")
+    shutil.copytree(reference / "checkpoint" / "step-10", tmp_path / "checkpoint" / "step-10.tmp")
+    (tmp_path / "checkpoint" / "step-12.tmp").mkdir()
+    run = train(tmp_path, 1, "--checkpoint.load_step", "10")
+    assert "publishing" in run.log() and "removing incomplete checkpoint" in run.log(), run.log()
+    assert "at step 10" in run.log() and checkpoints(tmp_path) == ["step-10", "step-5"]
 
 
 def test_hung_rank_fails_the_others_within_the_timeout(tmp_path: Path) -> None:
@@ -283,6 +295,26 @@ def test_hung_rank_fails_the_others_within_the_timeout(tmp_path: Path) -> None:
         assert "Timed out" in run.log(), run.log()[-3000:]
     finally:
         run.wait(timeout=0)
+
+
+def _timeouts_after_the_first_step(rank: int, world: int) -> dict[str, float]:
+    from torchtitan_sp.attention.usp import USPAttention
+    from torchtitan_sp.config import load_config
+    from torchtitan_sp.parallel_dims import ParallelDims
+    from torchtitan_sp.train import set_collective_timeout
+    cfg = load_config(["--parallelism.context_parallel_degree", "4"])
+    meshes = ParallelDims.from_config(cfg, world).build_mesh("cpu")
+    usp = USPAttention(meshes["cp"], ulysses_degree=2, load_balance=True)  # ring 2 x ulysses 2: groups of its own
+    set_collective_timeout(TIMEOUT)
+    groups = {"ring": usp.ring_group, "ulysses": usp.exchange.group, "cp": meshes["cp"].get_group()}
+    return {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+
+
+def test_collective_timeout_reaches_every_group() -> None:
+    """The groups a strategy creates for itself (usp's ring and Ulysses groups, created with torch's
+    30-minute default) get comm.train_timeout_seconds too, not only the mesh's."""
+    from tests.dist_utils import run_distributed
+    assert run_distributed(_timeouts_after_the_first_step, 4)[0] == {"ring": TIMEOUT, "ulysses": TIMEOUT, "cp": TIMEOUT}
 
 
 def test_sigterm_saves_then_exits(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from torchtitan_sp.config import ConfigError, help_text, load_config, Config
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.validate import check_local_gpus, validate
+from torchtitan_sp.validate import main as validate_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +150,24 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
 def test_more_processes_than_gpus_is_one_line():
     check_local_gpus(8, 8)
     check_local_gpus(4, 0)  # no GPU: CPU processes over gloo
-    with pytest.raises(ConfigError, match=r"^NGPU=8: only 4 GPU\(s\) are visible on this node; .*NGPU <= 4"):
+    with pytest.raises(ConfigError, match=r"^8 processes per node .* only 4 GPU\(s\) are visible on this node; set it <= 4"):
         check_local_gpus(8, 4)
+
+
+def test_several_nodes_validate_against_the_gpus_per_node(monkeypatch, capsys):
+    """slurm_train.sh validates WORLD_SIZE = nodes x GPUS_PER_NODE on a node that sees GPUS_PER_NODE GPUs."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    argv = ["validate", "--config", "llama8b_cp4.toml", "--parallelism.data_parallel_shard_degree", "8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    for per_node, code in (("8", None), ("16", 2)):
+        monkeypatch.setenv("NPROC_PER_NODE", per_node)
+        if code is None:
+            validate_main()
+        else:
+            with pytest.raises(SystemExit) as e:
+                validate_main()
+            assert e.value.code == code and "16 processes per node" in capsys.readouterr().err
 
 
 def test_run_train_bad_input_exits_2(tmp_path):

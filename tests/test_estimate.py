@@ -14,7 +14,7 @@ import pytest
 from tests.dist_utils import run_distributed
 from torchtitan_sp.config import load_config
 from torchtitan_sp.estimate import (GIB, Setup, attention_buffers, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
-                                    param_counts)
+                                    memory_options, param_counts)
 from torchtitan_sp.estimate import main as estimate_main
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.validate import validate
@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 def setup(*overrides: str, world: int = 8, device: str = "cuda") -> Setup:
     cfg = load_config(["--config", "llama8b_cp4.toml", *overrides])
     return Setup.from_config(cfg, validate(cfg, world), device)
+
+
+def test_memory_options_are_cumulative_and_valid_for_the_mesh():
+    cols = memory_options(setup())
+    assert list(cols) == ["no AC", "full AC", "+ tiled MLP 8", "+ offload"]
+    assert (cols["+ offload"].tiles, cols["+ offload"].offload) == (8, True)
+    # TP does not combine with tiled MLP (validation rejects it): no such column, nor in the advice.
+    tp = memory_options(setup("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"))
+    assert list(tp) == ["no AC", "full AC", "+ offload"] and tp["+ offload"].tiles == 1
 
 
 def test_llama8b_arithmetic():
@@ -177,7 +186,7 @@ def test_cli_assumed_world_size_and_does_not_fit(capsys, monkeypatch):
     assert advice == [f"does not fit: {reserved} GiB reserved per GPU > 79 GiB; it fits with more GPUs: dp_shard 2 "
                       "(world size 16)"]
     # nothing fits at any seq_len in the table: "-" and its legend, not "0K"
-    assert lines[-2].split() == ["local", "(cp", "1)", "-", "-", "-", "-"]
+    assert lines[-2].split() == ["local", "(cp", "1)", "-", "-", "-"]  # tp 8: no tiled-MLP column
     assert lines[-1] == "  -: does not fit even at the shortest seq_len tried, 16,384 (2 x cp x tp x 1024)"
     assert "0K" not in out
 

@@ -4,7 +4,8 @@ Layout under <job.dump_folder>/<checkpoint.folder>:
   step-N/      a complete checkpoint: model, optimizer, data loaders, step, tokens_seen, RNG
   step-N.tmp/  a save in progress. DCP writes here; rank 0 renames it to step-N once DCP has written
                its .metadata, which it does only after every rank's files are written. So a crash
-               mid-save never leaves a partial step-N: resume skips (and rank 0 deletes) *.tmp.
+               mid-save never leaves a partial step-N. At resume rank 0 removes a step-N.tmp without
+               .metadata and publishes one with it (complete, but not renamed before the stop).
   model.pt     checkpoint.export_final: the full model state dict alone (torch.save), for use elsewhere.
 The lr schedule is not saved: it is a function of the step and of the resumed run's keys, which
 win over the saved optimizer's lr, betas, eps and weight decay (so a resume may change them).
@@ -51,16 +52,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("torchtitan_sp")
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)(?:\.tmp)?$")
 EXIT_SIGTERM = 128 + signal.SIGTERM  # the shell's code for "terminated": the run did not finish
 
 
 def complete_checkpoints(folder: Path) -> dict[int, Path]:
-    """step -> folder of every complete checkpoint (renamed from .tmp; DCP's .metadata present)."""
+    """step -> folder of every complete checkpoint (DCP's .metadata present): step-N, or a
+    step-N.tmp whose rename the run did not reach (load publishes it)."""
     if not folder.is_dir():
         return {}
-    found = {}
-    for p in folder.iterdir():
+    found: dict[int, Path] = {}
+    for p in sorted(folder.iterdir(), key=lambda p: p.suffix != ".tmp"):  # step-N wins over step-N.tmp
         m = STEP_DIR.match(p.name)
         if m and (p / ".metadata").is_file():
             found[int(m.group(1))] = p
@@ -174,9 +176,8 @@ class CheckpointManager:
         start from checkpoint.initial_load_path's weights."""
         if self.ck.enable:
             if self.rank == 0:
-                for p in self.folder.glob("step-*.tmp"):
-                    logger.warning(f"removing incomplete checkpoint {p} (a save that did not finish)")
-                    shutil.rmtree(p)
+                self._finish_interrupted_saves()
+            dist.barrier()  # every rank then sees the same checkpoints
             path = resume_path(self.folder, self.ck.load_step)
             if path is not None:
                 self._load_checkpoint(path)
@@ -304,15 +305,34 @@ class CheckpointManager:
             future.result()
             self._publish(step)
 
+    def _finish_interrupted_saves(self) -> None:
+        """A step-N.tmp with DCP's .metadata was complete when the run stopped before renaming it:
+        publish it. One without is a save that did not finish: remove it."""
+        for tmp in self.folder.glob("step-*.tmp"):
+            if (tmp / ".metadata").is_file():
+                logger.warning(f"publishing {tmp}: complete, but not yet renamed when the run stopped")
+                self._rename(tmp, tmp.with_suffix(""))
+            else:
+                logger.warning(f"removing incomplete checkpoint {tmp} (a save that did not finish)")
+                shutil.rmtree(tmp)
+        for old in self.folder.glob("step-*.old"):  # replaced by a newer save of its step
+            shutil.rmtree(old)
+
+    @staticmethod
+    def _rename(tmp: Path, final: Path) -> None:
+        """tmp -> final; an existing final (same step, an earlier abandoned timeline) is moved aside
+        first, so that a crash in between leaves one of the two complete under a known name."""
+        if final.exists():
+            os.rename(final, final.with_suffix(".old"))
+        os.rename(tmp, final)
+        shutil.rmtree(final.with_suffix(".old"), ignore_errors=True)
+
     def _publish(self, step: int) -> None:
         """Rank 0 renames step-N.tmp to step-N and prunes old ones. Called when DCP's save has
         returned on rank 0 (its coordinator), i.e. after every rank's data and the metadata exist."""
         if self.rank != 0:
             return
-        final = self.folder / f"step-{step}"
-        if final.exists():  # a checkpoint of the same step from an earlier, abandoned timeline
-            shutil.rmtree(final)
-        os.rename(self.folder / f"step-{step}.tmp", final)
+        self._rename(self.folder / f"step-{step}.tmp", self.folder / f"step-{step}")
         if self.ck.keep_latest_k > 0:
             found = complete_checkpoints(self.folder)
             for old in sorted(found)[:-self.ck.keep_latest_k]:

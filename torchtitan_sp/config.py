@@ -51,9 +51,9 @@ class Model:
     flavor: str = "debug"
     """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
     n_layers: int = 0
-    """Blocks (0 = the flavor's): fewer keep the flavor's first N (benchmarks of a cut model)."""
+    """Blocks (0 = the flavor's): fewer keep the flavor's first N, more deepen it with blocks of the same shape."""
     tokenizer_path: str = "assets/tokenizer/tokenizer.model"
-    """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative paths resolve against the repo)."""
+    """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative: cwd, else the repo)."""
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Optimizer:
     name: str = "AdamW"
     """Optimizer (only AdamW)."""
     lr: float = 8e-4
-    """Peak learning rate."""
+    """Peak of the schedule (warmup climbs towards it, decay starts from it)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -77,11 +77,11 @@ class Optimizer:
 @dataclass
 class LRScheduler:
     warmup_steps: int = 2
-    """Linear warmup steps from lr/ (warmup_steps + 1) to lr."""
+    """Linear warmup steps: step k (from 1) runs at lr x k/(warmup_steps+1)."""
     decay_type: str = "linear"
     """Decay after warmup: linear | cosine | none."""
     min_lr_factor: float = 0.0
-    """Final lr as a fraction of the peak."""
+    """The last step's lr as a fraction of lr (linear/cosine decay; ignored with none)."""
 
 
 @dataclass
@@ -99,7 +99,7 @@ class Training:
     dataset: str = "synthetic"
     """Data source: synthetic | stdlib (this interpreter's standard-library source) | files (training.dataset_path)."""
     dataset_path: str = ""
-    """Local files or a glob: .txt, .jsonl/.json (a "text" field), .parquet (with pyarrow)."""
+    """File, folder or glob of .txt, .jsonl/.json ("text" field), .parquet (pyarrow); relative: cwd, else repo (globs: cwd only)."""
     packing: bool = True
     """Pack documents into seq_len windows with per-document positions and a document-causal mask."""
     mixed_precision_param: str = "bfloat16"
@@ -107,7 +107,7 @@ class Training:
     mixed_precision_reduce: str = "float32"
     """Gradient reduce dtype: float32 | bfloat16."""
     skip_nonfinite_loss: bool = False
-    """Skip an optimizer step whose loss is NaN/inf instead of stopping the run."""
+    """Skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping the run."""
 
     @property
     def document_masks(self) -> bool:
@@ -153,7 +153,7 @@ class ActivationCheckpoint:
     mode: str = "none"
     """none | full | selective."""
     selective_ac_option: str = "2"
-    """selective mode: an integer N checkpoints every N-th block; "op" saves matmul outputs, recomputes the rest."""
+    """selective mode: an integer N checkpoints every N-th block; "op" saves matmul and SDPA outputs, recomputes the rest."""
     tiled_mlp_shards: int = 1
     """Run each feed-forward over this many sequence tiles with recomputation (1 = off)."""
     offload: bool = False

@@ -1,9 +1,10 @@
 """--job.dry_run: what a run would be, without a process group or any real allocation.
 
-Prints the mesh (degrees and the flattened dims each job uses), the model built on the meta device
-and parallelized up to FSDP (tiled MLP and AC applied, so the printed structure is the real one),
-its parameter counts, the tokens per rank, and the memory estimate of torchtitan_sp.estimate (for
-CUDA GPUs, whatever this machine has: a dry run plans a GPU run).
+Prints the mesh (degrees and the flattened dims each job uses); the model's shape, parameter counts
+and per-block list of what a run applies (the model is built on the meta device with only tiled MLP
+and AC applied; TP, CP, offload, compile and FSDP2 are named, not applied); the tokens per rank; and
+the memory estimate of torchtitan_sp.estimate (for CUDA GPUs, whatever this machine has: a dry run
+plans a GPU run).
 """
 
 from __future__ import annotations

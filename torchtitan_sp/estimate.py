@@ -356,7 +356,7 @@ def cp_strategies(s: Setup) -> list[Setup]:
                                 heads_k_stride=s.heads_k_stride if strategy == "allgather" else 1)
         try:
             check_cp_attention(strategy, s.cp, c.ulysses, c.heads_k_stride, a.n_heads // s.tp,
-                               a.n_kv_heads // s.tp, load_balance=True)
+                               a.n_kv_heads // s.tp)
         except ValueError:
             continue
         if strategy != "usp" or 1 < u < s.cp:
@@ -365,12 +365,15 @@ def cp_strategies(s: Setup) -> list[Setup]:
 
 
 def memory_options(s: Setup, default_tiles: int = 8) -> dict[str, Setup]:
-    """Columns of the max-seq table: AC none / full / full + tiled MLP / + offload."""
+    """Columns of the max-seq table: AC none / full / full + tiled MLP / + offload (each column adds
+    to the one before). No tiled MLP column under TP, which does not combine with it."""
     tiles = s.tiles if s.tiles > 1 else default_tiles
     full = dataclasses.replace(s, ac_mode="full", tiles=1, offload=False)
-    return {"no AC": dataclasses.replace(full, ac_mode="none"), "full AC": full,
-            f"+ tiled MLP {tiles}": dataclasses.replace(full, tiles=tiles if s.tp == 1 else 1),
-            "+ offload": dataclasses.replace(full, tiles=tiles if s.tp == 1 else 1, offload=s.device == "cuda")}
+    cols = {"no AC": dataclasses.replace(full, ac_mode="none"), "full AC": full}
+    if s.tp == 1:
+        full = cols[f"+ tiled MLP {tiles}"] = dataclasses.replace(full, tiles=tiles)
+    cols["+ offload"] = dataclasses.replace(full, offload=s.device == "cuda")
+    return cols
 
 
 def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     s, accum = Setup.from_config(cfg, dims, opts["device"]), dims.grad_accum_steps(cfg)
     note = None if opts["world_size"] else world_size_note(cfg)
     n, _, _ = param_counts(s.args)
-    print(f"Llama 3 {cfg.model.flavor}" + (f" cut to {s.args.n_layers} layers" if cfg.model.n_layers else "")
+    print(f"Llama 3 {cfg.model.flavor}" + (f" with {s.args.n_layers} layers (model.n_layers)" if cfg.model.n_layers else "")
           + f": {n:,} parameters; world size {world}{' (assumed)' if note else ''}: dp_replicate "
           f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp}; seq_len {s.seq_len:,} "
           f"x local batch {s.batch} -> {s.tokens:,} tokens per rank")

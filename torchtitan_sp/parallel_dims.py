@@ -1,7 +1,9 @@
 """Parallel degrees -> a DeviceMesh with named dims (dp_replicate, dp_shard, cp, tp).
 
-All divisibility rules live here and run before any process group exists, so a bad recipe
-fails with one line instead of a hang. Degree-1 dims cost nothing: 1 and N ranks run the same code.
+The degrees' rules (world size, seq_len, heads over tp, batch) live here; attention.check_cp_attention
+holds the CP head/Ulysses/stride rules and validate.py the tiles-per-token rule. All run before any
+process group exists, so a bad recipe fails with one line instead of a hang. Degree-1 dims cost
+nothing: 1 and N ranks run the same code.
 """
 
 from __future__ import annotations

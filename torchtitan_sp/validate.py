@@ -36,7 +36,6 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         args = FLAVORS[cfg.model.flavor]
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
-                           load_balance=p.load_balance,
                            rotate_method=p.context_parallel_rotate_method)
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config
@@ -66,13 +65,13 @@ def _exit_bad_input(e: Exception) -> NoReturn:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def check_local_gpus(world_size: int, visible: int) -> None:
-    """run_train.sh starts WORLD_SIZE processes on this node, one per GPU when there are GPUs
+def check_local_gpus(per_node: int, visible: int) -> None:
+    """The launcher starts `per_node` processes on this node, one per GPU when there are GPUs
     (with none, CPU processes over gloo, any number)."""
-    if 0 < visible < world_size:
-        raise ConfigError(f"NGPU={world_size}: only {visible} GPU(s) are visible on this node; run_train.sh "
-                          f"starts one process per GPU on one node (set NGPU <= {visible}, or see the README's "
-                          f"\"Several nodes\")")
+    if 0 < visible < per_node:
+        raise ConfigError(f"{per_node} processes per node (run_train.sh: NGPU, slurm_train.sh: GPUS_PER_NODE), "
+                          f"but only {visible} GPU(s) are visible on this node; set it <= {visible}, or see the "
+                          "README's \"Several nodes\"")
 
 
 def main() -> None:
@@ -85,11 +84,12 @@ def main() -> None:
         from torchtitan_sp.dry_run import dry_run
         dry_run(cfg, dims)
         sys.exit(EXIT_HANDLED)
-    import torch
-    try:
-        check_local_gpus(dims.world_size, torch.cuda.device_count())
-    except ConfigError as e:
-        _exit_bad_input(e)
+    if "NPROC_PER_NODE" in os.environ:  # set by the launch scripts; WORLD_SIZE may span several nodes
+        import torch
+        try:
+            check_local_gpus(int(os.environ["NPROC_PER_NODE"]), torch.cuda.device_count())
+        except ConfigError as e:
+            _exit_bad_input(e)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,12 @@ def _check_heads(key: str, degree: int, n_heads: int, n_kv_heads: int, what: str
 
 
 def check_cp_attention(strategy: str, cp_degree: int, ulysses_degree: int, heads_k_stride: int,
-                       n_heads: int, n_kv_heads: int, load_balance: bool,
-                       rotate_method: str = "allgather") -> None:
+                       n_heads: int, n_kv_heads: int, rotate_method: str = "allgather") -> None:
     """Raise ValueError (one line naming the config key) for any combination that cannot work.
 
-    Called before any process group exists. load_balance changes no constraint here (seq_len must
-    divide by 2*cp with it, by cp without: the sequence sharding checks that).
+    Called before any process group exists. Every strategy supports both sequence layouts, so the
+    load balancer is no argument (its seq_len rule, 2*cp or cp, is checked in ParallelDims.validate).
     """
-    del load_balance  # every strategy supports both layouts
     if strategy not in STRATEGIES:
         raise ValueError(f"parallelism.context_parallel_strategy: {strategy!r} is not one of {' | '.join(STRATEGIES)}")
     if rotate_method not in ROTATE_METHODS:
@@ -83,7 +81,7 @@ def build_cp_attention(strategy: str, cp_mesh: DeviceMesh, *, load_balance: bool
     n_heads / n_kv_heads are the heads this rank's attention sees (after tensor parallelism).
     """
     check_cp_attention(strategy, cp_mesh.size(), ulysses_degree, heads_k_stride, n_heads, n_kv_heads,
-                       load_balance=load_balance, rotate_method=rotate_method)
+                       rotate_method=rotate_method)
     group = cp_mesh.get_group()
     # Imported here so that importing the model (attention.local) does not pull in torch's private CP.
     if strategy == "ring":

@@ -2,9 +2,10 @@
 
 For each group of `heads_k_stride` KV heads, K and V are all-gathered over cp (the next group's gather
 is issued before this group's attention, to overlap), and the query heads that share those KV heads
-attend to the keys their global token indices (and documents) allow. Only one stride's
-gathered K/V is alive at a time: backward gathers it again and reduce-scatters dK/dV, so memory is
-bounded by the stride, not by the sequence.
+attend to the keys their global token indices (and documents) allow. Two strides' gathered K/V are
+alive at a time (the one in use and the prefetched next), each stride x full S x head_dim: memory is
+bounded by the stride in heads but grows with the sequence. Backward gathers again and
+reduce-scatters dK/dV (an fp32 full-sequence buffer per stride).
 
 Each contiguous run of local queries [g, g+c) sees keys [0, g+c) as two kernel blocks merged by
 log-sum-exp: keys before g in full, keys [g, g+c) causal. Packed documents (contiguous runs of equal

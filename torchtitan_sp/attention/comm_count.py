@@ -94,7 +94,9 @@ class CommCounter(TorchDispatchMode):
 
 
 def formula_elements(strategy: str, dim: int, kv_dim: int, seq_len: int, cp: int, ulysses: int = 1) -> float:
-    """Forward elements sent per rank per layer, from DESIGN.md (d = dim, d_kv = kv_dim).
+    """Forward elements sent per rank per layer (d = dim, d_kv = kv_dim, S = seq_len, P = cp), as in
+    README's context-parallelism table: ring/allgather 2 d_kv S (P-1)/P; ulysses (2d + 2d_kv) S/P (P-1)/P;
+    usp that over u plus the ring's K/V over r = P/u: 2 d_kv S (r-1)/(r u).
 
     For Ulysses degrees above the KV head count the KV heads are replicated before the all-to-all:
     pass kv_dim = u * head_dim then.

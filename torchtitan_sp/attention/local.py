@@ -26,9 +26,11 @@ def document_causal_mask(q_docs: torch.Tensor, kv_docs: torch.Tensor,
 
 
 class PerMicroBatch:
-    """One value derived from a micro-batch's document ids, kept while that ids tensor lives. Every
-    layer receives the same tensor object, so the work (a gather, a host sync, a BlockMask) runs for
-    the first layer only. Python state: call it from frames kept out of compiled graphs."""
+    """One value derived from a micro-batch's document ids, reused while calls pass that same ids
+    tensor and held until a call with other ids replaces it (a BlockMask's mask_mod captures the ids,
+    so the cache keeps ids and mask alive until the next micro-batch). Every layer receives the same
+    tensor object, so the work (a gather, a host sync, a BlockMask) runs for the first layer only.
+    Python state: call it from frames kept out of compiled graphs."""
 
     def __init__(self) -> None:
         self._entry: tuple[weakref.ref, Hashable, Any] | None = None

@@ -1,8 +1,9 @@
 """The private torch surfaces context parallelism relies on, in one version-guarded place.
 
 What lives here and nowhere else:
-- torch's ring-attention machinery (`_templated_ring_attention(_backward)`, `_cp_options`), whose
-  module moved from `experimental._attention` (2.11) to `experimental._context_parallel` (2.13);
+- torch's ring-attention machinery (`_templated_ring_attention(_backward)`, `_cp_options`), in
+  `experimental._context_parallel._attention` on torch 2.13, else in the older `experimental._attention`
+  (the GPU machines' 2.11; whether 2.12 has the new module is unverified);
 - the per-block SDPA kernels that return the log-sum-exp a ring needs. As shipped, torch's ring
   only knows the CUDA ops; on CPU the same ring runs on `_scaled_dot_product_flash_attention_for_cpu`
   (the CPU adapter). On CUDA the blocks use the cuDNN op (about 1.8x the flash op on H100), else flash.
@@ -19,9 +20,9 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-try:  # torch >= 2.12
+try:  # torch 2.13 (its experimental._attention is a stub that lacks _templated_ring_attention_backward)
     from torch.distributed.tensor.experimental._context_parallel import _attention as _cp
-except ImportError:  # torch 2.11
+except ImportError:  # older torch without the new module
     from torch.distributed.tensor.experimental import _attention as _cp
 
 TESTED_TORCH = ((2, 11), (2, 13))
@@ -60,6 +61,7 @@ def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, .
 
 
 # Which CUDA block kernel the rings use; "flash" is the fallback where cuDNN SDPA is unavailable.
+# Benchmark knob, read at import: TORCHTITAN_SP_CUDA_ATTN=flash forces flash (bench_cp_attention.py --kernel's default).
 CUDA_BLOCK_KERNEL = os.environ.get("TORCHTITAN_SP_CUDA_ATTN", "cudnn")
 
 

@@ -9,7 +9,8 @@ kernel takes GQA natively), and the rotate/load-balance options are scoped to th
 Packed documents: torch's ring knows only is_causal. With document ids, K/V are all-gathered one KV
 head at a time instead (attention/allgather.py with heads_k_stride 1, the next head's gather
 overlapping this one's attention) and each query piece of a document attends to its document's keys
-on the unmasked kernels: the same bytes as the ring, no mask, one KV head's full-sequence K/V alive.
+on the unmasked kernels: the same bytes as the ring, no mask; two KV heads' full-sequence K/V are
+alive (the one in use and the prefetched next), so that memory grows with S.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ bad bytes replaced; empty documents are skipped.
 Order: each epoch shuffles the file list with a generator seeded by (debug.seed, epoch); documents
 keep their order inside a file. Sharding: the epoch's documents are numbered in that order and
 dp rank r of d takes numbers r, r + d, ... (cp and tp ranks pass the same dp rank, so they get the
-same samples); other ranks' documents are counted, never parsed or tokenized.
+same samples); other ranks' documents are counted, never tokenized (nor parsed in .txt and .jsonl;
+every rank json.loads a whole .json array and reads parquet row groups' text column).
 
 Resume: the state names the document the next sample starts in, (epoch, file, item, doc), and the
 tokens of it already used (offset); loading it re-tokenizes that one document, so the next samples
@@ -121,7 +122,8 @@ def check_tokenizer_vocab(n_words: int, model_vocab: int, source: str = "the tok
 
 def _records(path: Path, start: int) -> Iterator[Callable[[], str]]:
     """The file's records from index `start` on, each a call that returns its text, so that only
-    the rank that owns a record parses it."""
+    the rank that owns a record parses it (.txt, .jsonl); a .json array and a parquet row group's
+    "text" column are read whole by every rank; only the owner tokenizes."""
     if _suffix(path) in PLAIN:
         if start == 0:
             yield partial(read_text, path)

@@ -56,7 +56,7 @@ FLAVORS: dict[str, ModelArgs] = {
 
 
 def model_args(flavor: str, n_layers: int = 0) -> ModelArgs:
-    """The flavor's shape, optionally cut to its first `n_layers` blocks."""
+    """The flavor's shape with `n_layers` blocks if given (0 = the flavor's): fewer cut it, more deepen it."""
     args = FLAVORS[flavor]
     return dataclasses.replace(args, n_layers=n_layers) if n_layers else args
 

@@ -77,7 +77,9 @@ class _OffloadToHost(torch.autograd.graph.saved_tensors_hooks):
         if not offloadable(t):
             return t
         mod = torch.get_device_module(t.device)
-        stream = cls._streams.setdefault(t.device, mod.Stream(t.device))
+        if t.device not in cls._streams:
+            cls._streams[t.device] = mod.Stream(t.device)
+        stream = cls._streams[t.device]
         stream.wait_stream(mod.current_stream(t.device))
         host = torch.empty_like(t, device="cpu", pin_memory=True)
         with mod.stream(stream):
