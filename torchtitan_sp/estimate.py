@@ -247,28 +247,35 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
     if s.offload:  # block inputs live on the host; backward brings one back at a time
         kept, recompute, host = kept - a.n_layers * residual, recompute + residual, a.n_layers * residual
     attn_transient, ffn_transient = (x * T for x in backward_transients(s))
+    params = grads = 4 * n / shard
+    states = 8 * n / shard
+    root = s.b * n_root / t
+    # Resharded: two blocks unsharded at a time (current + prefetched); else all of them.
+    fsdp = ((2 if s.reshard else a.n_layers) * s.b + s.b + 4) * n_block / t
+    acts = kept + 4 * a.head_dim * T  # + cos/sin (fp32), shared
+    cp_buf = attention_buffers(s)
+    final = (2 * s.b * a.dim + _norm_saved(s)) * T / t
+    loss = loss_bytes(s)
+    out_grad = s.b * a.vocab_size * a.dim / t
     out: dict[str, Any] = {
-        "parameters (fp32, sharded)": 4 * n / shard,
-        "gradients (fp32, sharded)": 4 * n / shard,
-        "optimizer states (AdamW, fp32, sharded)": 8 * n / shard,
-        "root unsharded (embedding, output)": s.b * n_root / t,
-        # Resharded: two blocks unsharded at a time (current + prefetched); else all of them.
-        "FSDP block buffers (unsharded, grads, reduce-scatter)":
-            ((2 if s.reshard else a.n_layers) * s.b + s.b + 4) * n_block / t,
-        "activations kept (all layers)": kept + 4 * a.head_dim * T,  # + cos/sin (fp32), shared
+        "parameters (fp32, sharded)": params,
+        "gradients (fp32, sharded)": grads,
+        "optimizer states (AdamW, fp32, sharded)": states,
+        "root unsharded (embedding, output)": root,
+        "FSDP block buffers (unsharded, grads, reduce-scatter)": fsdp,
+        "activations kept (all layers)": acts,
         "one block recomputed in backward": recompute,
         "backward transient: feed-forward": ffn_transient,
         "backward transient: attention": attn_transient,
-        "attention/cp buffers (one layer)": attention_buffers(s),
-        "final norm + hidden states": (2 * s.b * a.dim + _norm_saved(s)) * T / t,
-        "loss (one chunk, backward)" if s.chunked_loss else "loss (all logits, backward)": loss_bytes(s),
-        "output-projection gradient (unsharded)": s.b * a.vocab_size * a.dim / t,
+        "attention/cp buffers (one layer)": cp_buf,
+        "final norm + hidden states": final,
+        "loss (one chunk, backward)" if s.chunked_loss else "loss (all logits, backward)": loss,
+        "output-projection gradient (unsharded)": out_grad,
     }
-    params, grads, states, root, fsdp, acts, recomp, _, _, cp_buf, final, loss, out_grad = out.values()
     # Gradients are set to None after each step: during forward/backward they exist only when
     # accumulating over micro-batches (the top block's backward comes before any block's grads).
     static = params + states + (grads if grad_accum > 1 else 0)
-    top = static + root + fsdp + acts + recomp + out_grad
+    top = static + root + fsdp + acts + recompute + out_grad
     phases = {
         "loss backward": static + root + acts + final + loss + out_grad + 2 * residual,
         "top block backward, feed-forward": top + ffn_transient,

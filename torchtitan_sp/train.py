@@ -238,20 +238,17 @@ class Trainer:
         # or one such step silently poisons every weight. Every rank holds the same numbers.
         norm = self._grad_norm()
         fused = self.cfg.optimizer.implementation == "fused"
-        if fused:
+        if fused:  # before the host sync: the kernel clips, and skips a non-finite step, on the device
             self._fused_step(norm, torch.isfinite(loss) & torch.isfinite(norm))
         loss, loss_max, grad_norm, valid = torch.stack([loss, group_loss, norm.double(), global_valid]).tolist()
-        grads_ok = math.isfinite(loss) and math.isfinite(grad_norm)
         what = f"step {self.step + 1}: loss is {loss}, gradient norm {grad_norm}"
-        if not grads_ok and not self.cfg.training.skip_nonfinite_loss:
-            raise FloatingPointError(f"{what}; stopping (set training.skip_nonfinite_loss to skip such steps)")
-        if not fused and grads_ok:
-            if self.cfg.training.max_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.cfg.training.max_norm,
-                                                     norm, foreach=True)
-            self.optimizer.step()
-        if not grads_ok:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            if not fused:
+                self._clip_and_step(norm)
+        elif self.cfg.training.skip_nonfinite_loss:
             logger.warning(f"{what}; skipping the optimizer step")
+        else:
+            raise FloatingPointError(f"{what}; stopping (set training.skip_nonfinite_loss to skip such steps)")
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step used, before the schedule moves on
         self.scheduler.step()
@@ -268,10 +265,18 @@ class Trainer:
             norm = norm.full_tensor()
         return norm.float()
 
+    def _clip_and_step(self, norm: torch.Tensor) -> None:
+        """foreach / for-loop AdamW: scale the gradients to max_norm first, then step."""
+        if self.cfg.training.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params_with_grad(), self.cfg.training.max_norm, norm,
+                                                 foreach=True)
+        self.optimizer.step()
+
     def _fused_step(self, norm: torch.Tensor, finite: torch.Tensor) -> None:
         """The fused AdamW kernel clips and skips by itself, through the two tensors GradScaler
         hands it (grads are divided by `grad_scale`; the step is a no-op while `found_inf` is 1):
-        one pass less over the gradients than clip-then-step, and no host sync before the step."""
+        one pass less over the gradients than clip-then-step, and no host sync before the step.
+        (torch.optim.AdamW reads these attributes for GradScaler; they are not a documented API.)"""
         max_norm = self.cfg.training.max_norm
         # clip_grads_with_norm_ multiplies by min(max_norm / (norm + 1e-6), 1): divide by the inverse.
         self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
