@@ -48,6 +48,10 @@ def main(out: Path, logs: Path) -> None:
     mem = load(out, "memory.json")
     if mem:
         rows.append(("estimated vs measured peak memory", json.dumps(mem)[:300]))
+    for r in load(out, "parity.json") or []:
+        errors = r.get("error") or ", ".join(f"{k} {r[k]:.1e}" for k in ("out", "dq", "dk", "dv"))
+        rows.append((f"parity {r['strategy']} {r['dtype']} documents={r['documents']}",
+                     f"{'ok' if r['ok'] else 'FAILED'} ({errors})"))
     cp = load(out, "cp_attention.json")
     if cp and "full_sequence" in cp:
         full = cp["full_sequence"]["tflops_fwd_bwd"]

@@ -100,3 +100,27 @@ def _results() -> list[dict[str, float]]:
 def test_model_matches_single_process(setup: tuple) -> None:
     for rank, res in enumerate(_results()):
         assert res[_name(setup)] <= TOL, f"rank {rank}: {res[_name(setup)]:.2e}"
+
+
+def _cp_groups_worker(rank: int, world: int) -> tuple[int, bool]:
+    from torch.distributed.distributed_c10d import _world
+    from torchtitan_sp.config import load_config
+    from torchtitan_sp.models.llama3 import model_args
+    from torchtitan_sp.parallel_dims import ParallelDims
+    from torchtitan_sp.parallelize.cp import apply_cp
+    cfg = load_config(["--parallelism.context_parallel_degree", "4", "--parallelism.context_parallel_strategy",
+                       "usp", "--parallelism.context_parallel_ulysses_degree", "2", "--model.n_layers", "6"])
+    meshes = ParallelDims.from_config(cfg, world).build_mesh("cpu")
+    with torch.device("meta"):
+        model = Transformer(model_args("debug", 6))
+    before = len(_world.pg_map)
+    apply_cp(model, meshes["cp"], cfg.parallelism)
+    modules = {id(block.attention.inner_attention) for block in model.layers.values()}
+    return len(_world.pg_map) - before, len(modules) == 1
+
+
+def test_usp_creates_its_groups_once_for_all_blocks() -> None:
+    """usp's ring x Ulysses view of the cp mesh makes two process groups; one module serves every
+    block (a module per block made 2 groups per layer: 64 NCCL communicators for Llama-3-8B)."""
+    new_groups, shared = run_distributed(_cp_groups_worker, 4)[0]
+    assert shared and new_groups == 2, (new_groups, shared)

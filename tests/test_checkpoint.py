@@ -7,6 +7,7 @@ watch what the others do on their own. Losses come from <dump_folder>/metrics.js
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from tests.dist_utils import free_port
 from tests.trainer_utils import read_metrics
@@ -36,7 +38,8 @@ TIMEOUT = 5  # comm.train_timeout_seconds of these runs
 COMMON = ["--training.seq_len", "64", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
           "--training.steps", "10", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
           "--metrics.disable_color_printing", "--lr_scheduler.warmup_steps", "8", "--lr_scheduler.decay_type", "none",
-          "--checkpoint.enable", "--checkpoint.interval", "5", "--comm.train_timeout_seconds", str(TIMEOUT)]
+          "--checkpoint.enable", "--checkpoint.interval", "5", "--comm.train_timeout_seconds", str(TIMEOUT),
+          "--comm.checkpoint_timeout_seconds", str(TIMEOUT)]
 
 
 class Run:
@@ -305,8 +308,9 @@ def _timeouts_after_the_first_step(rank: int, world: int) -> dict[str, float]:
     cfg = load_config(["--parallelism.context_parallel_degree", "4"])
     meshes = ParallelDims.from_config(cfg, world).build_mesh("cpu")
     usp = USPAttention(meshes["cp"], ulysses_degree=2, load_balance=True)  # ring 2 x ulysses 2: groups of its own
-    set_collective_timeout(TIMEOUT)
-    groups = {"ring": usp.ring_group, "ulysses": usp.exchange.group, "cp": meshes["cp"].get_group()}
+    saves = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))  # as CheckpointManager's
+    set_collective_timeout(TIMEOUT, keep=(saves,))
+    groups = {"ring": usp.ring_group, "ulysses": usp.exchange.group, "cp": meshes["cp"].get_group(), "saves": saves}
     return {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
 
 
@@ -314,7 +318,8 @@ def test_collective_timeout_reaches_every_group() -> None:
     """The groups a strategy creates for itself (usp's ring and Ulysses groups, created with torch's
     30-minute default) get comm.train_timeout_seconds too, not only the mesh's."""
     from tests.dist_utils import run_distributed
-    assert run_distributed(_timeouts_after_the_first_step, 4)[0] == {"ring": TIMEOUT, "ulysses": TIMEOUT, "cp": TIMEOUT}
+    assert run_distributed(_timeouts_after_the_first_step, 4)[0] == {"ring": TIMEOUT, "ulysses": TIMEOUT, "cp": TIMEOUT,
+                                                                     "saves": 60}
 
 
 def test_sigterm_saves_then_exits(tmp_path: Path) -> None:

@@ -39,7 +39,13 @@ def test_benchmarks_and_summary(tmp_path: Path) -> None:
     assert "ring (allgather rotate)" in table and "ulysses" in table
 
     (logs / "parity.log").write_text("Traceback (most recent call last):\nRuntimeError: no kernel\n")
+    (out / "parity.json").write_text(json.dumps([  # what gpu_attention_parity.py writes, one case passed, one failed
+        {"strategy": "allgather", "dtype": "torch.bfloat16", "documents": True, "out": 0.004, "dq": 0.005,
+         "dk": 0.006, "dv": 0.004, "ok": True},
+        {"strategy": "local", "dtype": "torch.float32", "documents": True, "ok": False, "error": "RuntimeError('x')"}]))
     summary = script("scripts/gpu_summary.py", str(out), str(logs))
+    assert "parity allgather torch.bfloat16 documents=True | ok (out 4.0e-03, dq 5.0e-03" in summary
+    assert "parity local torch.float32 documents=True | FAILED (RuntimeError('x'))" in summary
     assert f"{ours['tok_s']:,} tok/s" in summary
     assert "ring attention" in summary and "document BlockMask S=512" in summary
     assert "parity: FAILED | RuntimeError: no kernel" in summary

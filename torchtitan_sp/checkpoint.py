@@ -140,11 +140,12 @@ class CheckpointManager:
         self.dp_rank = trainer.meshes["dp"].get_local_rank()
         self.pending: tuple[Future, int] | None = None  # the async save in flight and its step
         self.pg: dist.ProcessGroup | None = None
-        if self.ck.enable and self.ck.async_mode == "async":
-            # The background save runs collectives while training runs its own: a group of its own
-            # keeps them from interleaving on one communicator (DCP's async save needs gloo anyway).
-            # The training timeout: a rank dying mid-save must not keep the others waiting longer.
-            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.comm.train_timeout_seconds))
+        if self.ck.enable:
+            # Saves' collectives wait for every rank's writes, which can finish minutes apart on a
+            # shared file system: a group of their own with comm.checkpoint_timeout_seconds (the
+            # training timeout does not apply to it). An async save also runs its collectives while
+            # training runs its own; its own group keeps them apart (and DCP's async save needs gloo).
+            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.comm.checkpoint_timeout_seconds))
         # signal.signal works only in the main thread; the condition is the same on every rank,
         # which matters because maybe_save then all-reduces the flag on every rank.
         self.watch_sigterm = (self.ck.enable and self.ck.save_on_sigterm
@@ -290,8 +291,8 @@ class CheckpointManager:
         tmp = self.folder / f"step-{step}.tmp"
         start = time.perf_counter()
         state = self._state()
-        if self.pg is None:
-            dcp.save(state, checkpoint_id=str(tmp))
+        if self.ck.async_mode != "async":
+            dcp.save(state, checkpoint_id=str(tmp), process_group=self.pg)
             self._publish(step)
             logger.info(f"saved checkpoint step-{step} in {time.perf_counter() - start:.2f}s")
         else:  # returns once the state is copied; writing goes on in a background thread

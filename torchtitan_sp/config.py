@@ -204,6 +204,8 @@ class Comm:
     """Timeout for process-group set-up and the first step."""
     train_timeout_seconds: int = 100
     """Collective timeout after the first step: a dead rank makes the others exit within it."""
+    checkpoint_timeout_seconds: int = 600
+    """Timeout of checkpoint saves' collectives (a group of their own): ranks may finish writing far apart."""
 
 
 @dataclass
@@ -402,6 +404,8 @@ def check_values(cfg: Config) -> None:
         "checkpoint.load_step": (ck.load_step, "-1 (newest) or >= 0", ck.load_step >= -1),
         "comm.init_timeout_seconds": (cfg.comm.init_timeout_seconds, "> 0", cfg.comm.init_timeout_seconds > 0),
         "comm.train_timeout_seconds": (cfg.comm.train_timeout_seconds, "> 0", cfg.comm.train_timeout_seconds > 0),
+        "comm.checkpoint_timeout_seconds": (cfg.comm.checkpoint_timeout_seconds, "> 0",
+                                            cfg.comm.checkpoint_timeout_seconds > 0),
     }
     for key, (val, rule, holds) in ranges.items():
         if not holds:

@@ -68,17 +68,18 @@ def init_distributed(cfg: Config) -> torch.device:
     return device
 
 
-def set_collective_timeout(seconds: int) -> None:
+def set_collective_timeout(seconds: int, keep: tuple[dist.ProcessGroup, ...] = ()) -> None:
     """After the first step, a dead or hung rank should fail the others within the training timeout.
 
     Every group needs it: the mesh dims' groups, and those that strategies such as usp create for
     themselves, are separate from the default one and keep the timeout they were created with
     (measured with gloo: a collective on a cp subgroup ran into the init timeout when only the
-    default group was shortened)."""
+    default group was shortened). Groups in `keep` (checkpoint saves') keep their own."""
     from torch.distributed.distributed_c10d import _set_pg_timeout, _world
     try:
         for group in list(_world.pg_map):  # every group of this process, the default one included
-            _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+            if group not in keep:
+                _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
     except (RuntimeError, AttributeError) as e:  # not supported by every backend/version
         logger.warning(f"could not shorten the collective timeout: {e}")
 
@@ -304,7 +305,8 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 if self.step == first_step:
-                    set_collective_timeout(cfg.comm.train_timeout_seconds)
+                    saves = self.checkpointer.pg if self.checkpointer is not None else None
+                    set_collective_timeout(cfg.comm.train_timeout_seconds, keep=(saves,) if saves else ())
                     if self.rank == 0:  # once a step has run: a run that fails earlier overwrites nothing
                         self._save_run_config()
                 if self.step % cfg.metrics.log_freq == 0 or self.step == cfg.training.steps:

@@ -116,25 +116,27 @@ class _AllGatherAttention(torch.autograd.Function):
         rank, cp_size = dist.get_rank(group), dist.get_world_size(group)
         gathered = _Gathered(group, headtail, q.shape[2] * cp_size)
         pieces = _pieces(_runs(rank, cp_size, q.shape[2], headtail), doc_starts)
+        any_length = doc_starts is not None  # pieces cut at document starts: sizes vary per batch
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         for qh, _, kf, vf in gathered.strides(q, k, v, stride):
             for rows, start, gstart, n, first in pieces:
                 qc = q[rows, qh, start:start + n]
-                o, l = compat.attn_fwd(qc, kf[rows, :, gstart:gstart + n], vf[rows, :, gstart:gstart + n], True)
+                o, l = compat.attn_fwd(qc, kf[rows, :, gstart:gstart + n], vf[rows, :, gstart:gstart + n], True,
+                                       any_length)
                 if first < gstart:
                     o, l = _merge(o, l, *compat.attn_fwd(qc, kf[rows, :, first:gstart], vf[rows, :, first:gstart],
-                                                         False))
+                                                         False, any_length))
                 out[rows, qh, start:start + n] = o
                 lse[rows, qh, start:start + n] = l
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = (group, headtail, stride, pieces)
+        ctx.setup = (group, headtail, stride, pieces, any_length)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        group, headtail, stride, pieces = ctx.setup
+        group, headtail, stride, pieces, any_length = ctx.setup
         gathered = _Gathered(group, headtail, q.shape[2] * dist.get_world_size(group))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for qh, kv_heads, kf, vf in gathered.strides(q, k, v, stride):
@@ -145,12 +147,14 @@ class _AllGatherAttention(torch.autograd.Function):
                 mine = (rows, qh, slice(start, start + n))
                 qc, doc, oc, lc = q[mine], dout[mine], out[mine], lse[mine]
                 diag = slice(gstart, gstart + n)
-                dqc, dkc, dvc = compat.attn_bwd(doc, qc, kf[rows, :, diag], vf[rows, :, diag], oc, lc, True)
+                dqc, dkc, dvc = compat.attn_bwd(doc, qc, kf[rows, :, diag], vf[rows, :, diag], oc, lc, True,
+                                                any_length)
                 dkf[rows, :, diag] += dkc
                 dvf[rows, :, diag] += dvc
                 if first < gstart:
                     before = slice(first, gstart)
-                    dqp, dkp, dvp = compat.attn_bwd(doc, qc, kf[rows, :, before], vf[rows, :, before], oc, lc, False)
+                    dqp, dkp, dvp = compat.attn_bwd(doc, qc, kf[rows, :, before], vf[rows, :, before], oc, lc, False,
+                                                    any_length)
                     dqc = dqc + dqp
                     dkf[rows, :, before] += dkp
                     dvf[rows, :, before] += dvp

@@ -65,22 +65,25 @@ def unflatten_mesh(mesh: DeviceMesh, sizes: tuple[int, ...], names: tuple[str, .
 CUDA_BLOCK_KERNEL = os.environ.get("TORCHTITAN_SP_CUDA_ATTN", "cudnn")
 
 
-def _cuda_kernel() -> str:
-    if CUDA_BLOCK_KERNEL == "cudnn" and torch.backends.cudnn.is_available():
+def _cuda_kernel(any_length: bool) -> str:
+    """cuDNN for the regular blocks of a ring. Blocks of any length (packed documents' pieces, down
+    to one key) take flash: torch's own dispatch keeps cuDNN from key length 1 (pytorch#138529),
+    and cuDNN builds and caches a graph per (Sq, Sk) pair, a new one for almost every piece."""
+    if CUDA_BLOCK_KERNEL == "cudnn" and not any_length and torch.backends.cudnn.is_available():
         return "cudnn"
     return "flash"
 
 
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+             any_length: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention block: out (B, H, Sq, D) and lse (B, H, Sq) in fp32. k, v may have fewer heads
     (GQA: all three kernels take it natively, so K/V are never expanded); is_causal is top-left
-    aligned (used only on square diagonal blocks)."""
+    aligned (used only on square diagonal blocks). `any_length`: block sizes that vary per batch."""
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)
         return out, lse.float()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if _cuda_kernel() == "cudnn":
+    if _cuda_kernel(any_length) == "cudnn":
         out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False)[:2]
         return out, lse.reshape(out.shape[:3]).float()
     out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal)[:2]
@@ -88,7 +91,8 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             lse: torch.Tensor, is_causal: bool,
+             any_length: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the *final* (merged) out and lse of its query rows."""
     if q.device.type == "cpu":
         return tuple(aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -97,7 +101,7 @@ def attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     sq, sk = q.shape[2], k.shape[2]
     rng = torch.empty((), dtype=torch.int64, device=q.device)  # philox state: unused without dropout
-    if _cuda_kernel() == "cudnn":
+    if _cuda_kernel(any_length) == "cudnn":
         return tuple(aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, sq, sk, 0.0, is_causal))
     return tuple(aten._scaled_dot_product_flash_attention_backward(
