@@ -154,6 +154,15 @@ def test_more_processes_than_gpus_is_one_line():
         check_local_gpus(8, 4)
 
 
+def test_fp32_ring_on_gpus_is_one_line(monkeypatch):
+    argv = ["--parallelism.context_parallel_degree", "2", "--training.mixed_precision_param", "float32"]
+    validate(load_config(argv), 2)  # CPU processes compute in fp32 anyway
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(ConfigError, match="float32 on GPUs does not combine with context_parallel_strategy 'ring'"):
+        validate(load_config(argv), 2)
+    validate(load_config([*argv, "--parallelism.context_parallel_strategy", "ulysses"]), 2)
+
+
 def test_several_nodes_validate_against_the_gpus_per_node(monkeypatch, capsys):
     """slurm_train.sh validates WORLD_SIZE = nodes x GPUS_PER_NODE on a node that sees GPUS_PER_NODE GPUs."""
     monkeypatch.setattr("torch.cuda.device_count", lambda: 8)

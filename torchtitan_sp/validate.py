@@ -37,6 +37,12 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                            rotate_method=p.context_parallel_rotate_method)
+        import torch
+        uses_blocks = p.context_parallel_strategy != "ulysses"  # ring/usp/allgather call the block kernels
+        if uses_blocks and cfg.training.mixed_precision_param == "float32" and torch.cuda.is_available():
+            raise ConfigError(f"training.mixed_precision_param: float32 on GPUs does not combine with "
+                              f"context_parallel_strategy {p.context_parallel_strategy!r} (its cuDNN/flash block "
+                              "kernels take bfloat16 only); use bfloat16, or the ulysses strategy")
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config
         check_data_config(cfg, dims.dp)
