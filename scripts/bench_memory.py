@@ -64,8 +64,10 @@ def measure(argv: list[str], steps: int) -> dict:
             if i == 1:
                 tracker.reset_peak()
             for mb in batches:
-                loss = model_loss_sum(trainer.model, trainer._shard(mb), trainer.cfg.training.document_masks, ce=trainer.ce)
-                (loss / mb["labels"].numel()).backward()
+                with trainer._step_context():  # loss parallel under TP, as train_step
+                    loss = model_loss_sum(trainer.model, trainer._shard(mb), trainer.cfg.training.document_masks,
+                                          ce=trainer.ce)
+                    (loss / mb["labels"].numel()).backward()
                 del loss
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

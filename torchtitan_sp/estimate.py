@@ -82,6 +82,7 @@ class Setup:
     offload: bool
     chunked_loss: bool
     compiled_loss: bool
+    loss_parallel: bool  # TP shards the logits over the vocabulary (else every rank holds them all)
     document_masks: bool  # packed documents: ring and usp then gather K/V (attention/torch_ring.py)
     reshard: bool  # FSDP frees blocks' unsharded parameters after forward
     b: int  # bytes of the compute dtype (parameters as FSDP all-gathers them, activations)
@@ -96,12 +97,13 @@ class Setup:
                    cp=dims.cp, tp=dims.tp, strategy=p.context_parallel_strategy,
                    rotate_method=p.context_parallel_rotate_method, ulysses=p.context_parallel_ulysses_degree,
                    heads_k_stride=p.heads_k_stride, ac_mode=ac.mode, sac_option=ac.selective_ac_option,
-                   tiles=ac.tiled_mlp_shards if dims.tp == 1 else 1,  # as parallelize.memory applies them
+                   tiles=ac.tiled_mlp_shards if dims.tp == 1 else 1,  # validation rejects tiles with tp
                    offload=ac.offload and ac.mode == "full" and device == "cuda",
                    chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
                                                 model_args(cfg.model.flavor).vocab_size),
-                   compiled_loss=cfg.compile.enable and dims.tp == 1,
-                   document_masks=cfg.training.document_masks,  # as Trainer chooses its cross-entropy
+                   compiled_loss=cfg.compile.enable and dims.tp == 1,  # as Trainer chooses its cross-entropy
+                   loss_parallel=dims.tp > 1 and not p.disable_loss_parallel,
+                   document_masks=cfg.training.document_masks,
                    reshard=reshard_after_forward(p.fsdp_reshard_after_forward, dims.dp_shard * dims.cp),
                    b=DTYPE_BYTES[cfg.training.mixed_precision_param] if device == "cuda" else 4,
                    device=device, optimizer=cfg.optimizer.implementation)
@@ -160,13 +162,16 @@ def backward_transients(s: Setup) -> tuple[float, float]:
 
     Attention holds dq, dk, dv and d_out; the feed-forward two (tokens, F) gradients at once (w2's
     input gradient, then silu's and w3's output gradients; per tile when tiled, plus the tile's
-    recomputed intermediates). Both: the gradient of the residual stream.
+    recomputed intermediates). Both: the gradient of the residual stream; under TP-SP it is
+    all-gathered to the full sequence for the block's matmuls, and the gather's buffer, its re-laid
+    view and a contiguous copy coexist (measured on CPU: ~3 full-length copies).
     """
     a, t, b = s.args, s.tp, s.b
     f_tile = a.ffn_hidden / t / s.tiles
     ffn = 2 * b * f_tile + (4 * b * f_tile if s.tiles > 1 else 0)
     attn = b * (2 * a.dim + 2 * a.n_kv_heads * a.head_dim) / t
-    return attn + b * a.dim / t, ffn + b * a.dim / t
+    stream = b * a.dim * (3 if t > 1 else 1)
+    return attn + stream, ffn + stream
 
 
 def _gathered_kv_buffers(s: Setup, stride_heads: float, kv_heads: float) -> float:
@@ -195,6 +200,8 @@ def attention_buffers(s: Setup) -> float:
         if s.document_masks:  # run as allgather's document pieces, one KV head per stride
             return _gathered_kv_buffers(s, 1, max(a.n_kv_heads / t, u) / u) + a2a
         r_tokens, ring = T * u, s.cp // u  # tokens per rank in the ring, ring size
+        if ring == 1:  # usp with u = cp: torch's ring over one rank allocates nothing
+            return a2a
         kv_comm = 2 * b * kv * (r_tokens * ring if s.rotate_method == "allgather" else 2 * r_tokens)
         # torch's ring backward: dq and dk/dv accumulators in fp32, the fp32 dk/dv rotation
         # (send + receive), one step's dq/dk/dv
@@ -218,7 +225,7 @@ def loss_bytes(s: Setup) -> float:
     if s.chunked_loss:
         rows = min(loss_chunk_tokens(s.args.vocab_size), rows)
     per_logit = 2 * s.b if s.compiled_loss else 12 + (s.b if s.b < 4 else 0)
-    return per_logit * rows * s.args.vocab_size / s.tp
+    return per_logit * rows * s.args.vocab_size / (s.tp if s.loss_parallel else 1)
 
 
 def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
@@ -233,13 +240,17 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
     if s.ac_mode == "full":
         kept, recompute = a.n_layers * residual, layer - residual
     elif s.ac_mode == "selective" and s.sac_option.isdigit():
-        n_ckpt = math.ceil(a.n_layers / int(s.sac_option))
-        kept, recompute = n_ckpt * residual + (a.n_layers - n_ckpt) * layer, layer - residual
+        every = int(s.sac_option)  # blocks 0, N, 2N, ... are checkpointed (parallelize.ac)
+        n_ckpt = math.ceil(a.n_layers / every)
+        # Recomputation peaks on the top block's backward only if that block is checkpointed.
+        top_recomputes = (a.n_layers - 1) % every == 0
+        kept, recompute = n_ckpt * residual + (a.n_layers - n_ckpt) * layer, (layer - residual) * top_recomputes
     elif s.ac_mode == "selective":
         # op-level: the block input and every matmul/attention output are saved (w1/w3 outputs
-        # too when tiled: the policy sees the tiles' matmuls), the rest is recomputed
+        # too when tiled: the policy sees the tiles' matmuls), the rest is recomputed. Under TP the
+        # outputs of wo and w2 are full-length partial sums (before their reduce-scatter).
         dkv = a.n_kv_heads * a.head_dim
-        sac = residual + s.b * (4 * a.dim + 2 * dkv + 2 * a.ffn_hidden) * T / t
+        sac = residual + s.b * (2 * a.dim / t + 2 * a.dim + (2 * dkv + 2 * a.ffn_hidden) / t) * T
         kept, recompute = a.n_layers * sac, max(layer - sac, 0.0)
     else:
         kept, recompute = a.n_layers * layer, 0.0
