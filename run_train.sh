@@ -45,14 +45,20 @@ if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 
 # torchrun, except that a stop by signal exits 128 + signal (143 for SIGTERM) instead of a traceback:
 # torchrun has then passed the signal on and waited up to SHUTDOWN_TIMEOUT for the workers to save.
+# Workers signalled directly save, then exit 143 themselves: that is a stop too, not a failure.
 exec "$PYTHON" -c '
 import sys
 from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 try:
     main()
 except SignalException as e:
     sys.exit(128 + e.sigval)
+except ChildFailedError as e:
+    if {f.exitcode for f in e.failures.values()} != {143}:
+        raise
+    sys.exit(143)
 ' --standalone --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

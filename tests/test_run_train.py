@@ -56,8 +56,21 @@ def test_bad_variable_is_one_line_and_exit_2(tmp_path: Path, bad: dict[str, str]
     assert not (tmp_path / "d").exists()
 
 
-def stop_with_sigterm(tmp_path: Path, **extra: str) -> tuple[int, str]:
-    """Start a long run, SIGTERM run_train.sh once training has started, return (exit code, output)."""
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc; field 4 of stat is the parent pid)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(p.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            pass
+    return found
+
+
+def stop_with_sigterm(tmp_path: Path, to_a_worker: bool = False, **extra: str) -> tuple[int, str]:
+    """Start a long run, SIGTERM run_train.sh (torchrun) or one of its workers once training has
+    started, return (exit code, output)."""
     log = tmp_path / "log"
     args = [RUN_TRAIN, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "100000",
             "--checkpoint.enable", "--checkpoint.interval", "100000", *TINY]
@@ -69,7 +82,10 @@ def stop_with_sigterm(tmp_path: Path, **extra: str) -> tuple[int, str]:
         while "step     1" not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        if to_a_worker:  # as a cluster manager that signals the training processes themselves
+            os.kill(_children(proc.pid)[-1], signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout=120), log.read_text()
     finally:
         if proc.poll() is None:  # a hang: torchrun's own SIGTERM handling ends the workers too
@@ -77,8 +93,9 @@ def stop_with_sigterm(tmp_path: Path, **extra: str) -> tuple[int, str]:
             proc.wait(timeout=60)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path) -> None:
-    code, out = stop_with_sigterm(tmp_path)
+@pytest.mark.parametrize("to_a_worker", [False, True], ids=["to run_train.sh", "to one worker"])
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path, to_a_worker: bool) -> None:
+    code, out = stop_with_sigterm(tmp_path, to_a_worker)
     assert code == 143, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     saved = [p.name for p in (tmp_path / "run" / "checkpoint").iterdir()]

@@ -25,7 +25,10 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
         from torchtitan_sp.parallelize.cp import apply_cp
         apply_cp(model, meshes["cp"], p)
         docs = cfg.training.document_masks and p.context_parallel_strategy in GATHERED_FOR_DOCUMENTS
+        u = p.context_parallel_ulysses_degree
         applied.append(f"CP {p.context_parallel_strategy} {meshes['cp'].size()}"
+                       + (f" (ulysses {u} x ring {meshes['cp'].size() // u})" if p.context_parallel_strategy == "usp"
+                          else "")
                        + (" (packed documents: K/V all-gathered one head at a time, attended per document piece)"
                           if docs else ""))
     ac = cfg.activation_checkpoint
@@ -33,7 +36,7 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
         applied.append(f"tiled MLP {ac.tiled_mlp_shards}")
     if ac.mode != "none":
         apply_ac(model, ac)
-        applied.append(f"AC {ac.mode}")
+        applied.append(f"AC {ac.mode}" + (f" {ac.selective_ac_option}" if ac.mode == "selective" else ""))
     if ac.offload:
         apply_activation_offload(model)
         applied.append("activation offload")
