@@ -385,11 +385,10 @@ def check_values(cfg: Config) -> None:
                 "parallelism.heads_k_stride": p.heads_k_stride,
                 "activation_checkpoint.tiled_mlp_shards": cfg.activation_checkpoint.tiled_mlp_shards,
                 "checkpoint.interval": cfg.checkpoint.interval}
-    for key, val in positive.items():
-        if val < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {val}")
-    o, ck = cfg.optimizer, cfg.checkpoint
+    o, ck, dp_shard = cfg.optimizer, cfg.checkpoint, p.data_parallel_shard_degree
     ranges = {  # key: (value, rule, holds)
+        **{key: (val, ">= 1", val >= 1) for key, val in positive.items()},
+        "parallelism.data_parallel_shard_degree": (dp_shard, "-1 or >= 1", dp_shard == -1 or dp_shard >= 1),
         "model.n_layers": (cfg.model.n_layers, ">= 0 (0 = the flavor's)", cfg.model.n_layers >= 0),
         "optimizer.lr": (o.lr, "> 0", o.lr > 0 and math.isfinite(o.lr)),
         "optimizer.beta1": (o.beta1, "in [0, 1)", 0 <= o.beta1 < 1),
@@ -413,8 +412,6 @@ def check_values(cfg: Config) -> None:
     if ck.load_step >= 0 and not ck.enable:
         raise ConfigError(f"checkpoint.load_step: resuming from step {ck.load_step} needs checkpoint.enable = true "
                           "(checkpoint.initial_load_path starts from weights alone)")
-    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
-        raise ConfigError(f"parallelism.data_parallel_shard_degree: must be -1 or >= 1, got {p.data_parallel_shard_degree}")
     sac = cfg.activation_checkpoint.selective_ac_option
     if sac != "op" and not (sac.isdigit() and int(sac) >= 1):
         raise ConfigError(f"activation_checkpoint.selective_ac_option: 'op' or a positive integer, got {sac!r}")

@@ -305,9 +305,14 @@ def fits(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> bool:
     return estimate(s, grad_accum)["reserved"] <= gpu_mem_gib * GIB
 
 
+def seq_len_step(s: Setup) -> int:
+    """The seq_len grid of max_seq_len: what head-tail sharding over cp x tp needs, in 1K units."""
+    return 2 * s.cp * s.tp * 1024
+
+
 def max_seq_len(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> int:
-    """Longest seq_len (a multiple of 2 x cp x tp x 1024) whose estimate fits; 0 if none does."""
-    step = 2 * s.cp * s.tp * 1024
+    """Longest seq_len (a multiple of seq_len_step) whose estimate fits; 0 if none does."""
+    step = seq_len_step(s)
     lo, hi = 0, 1
     while fits(dataclasses.replace(s, seq_len=hi * step), gpu_mem_gib, grad_accum) and hi < 2**20:
         lo, hi = hi, hi * 2
@@ -408,7 +413,7 @@ def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
         none_fit |= 0 in vals
         lines.append(f"  {name:<28}" + "".join(f"{_tokens(v) if v else '-':>18}" for v in vals))
     if none_fit:
-        shortest = 2 * s.cp * s.tp * 1024
+        shortest = seq_len_step(s)
         lines.append(f"  -: does not fit even at the shortest seq_len tried, {shortest:,} (2 x cp x tp x 1024)")
     return "\n".join(lines)
 
