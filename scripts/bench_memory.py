@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_sp.config import load_config
-from torchtitan_sp.estimate import GIB, LiveTensorBytes, Setup, estimate
 from torchtitan_sp.loss import model_loss_sum
+from torchtitan_sp.memory_measure import LiveTensorBytes
+from torchtitan_sp.memory_model import GIB, Setup, estimate
+from torchtitan_sp.rules import validate
 from torchtitan_sp.train import Trainer
-from torchtitan_sp.validate import validate
 
 # name: (overrides, multiple of --tokens)
 CASES: dict[str, tuple[list[str], int]] = {
@@ -111,7 +112,8 @@ def main() -> None:
         print(f"{name:<20} {r['tokens']:>8} tokens  measured {r['measured_gib']:7.2f} GiB  "
               f"estimated {r['estimated_gib']:7.2f} GiB ({r['estimated_phase']})  ratio {r['ratio']:.3f}", flush=True)
     # Ratios first: summaries that print the head of this JSON show them.
-    summary = {key: {r["case"]: round(r[key], 3) for r in results} for key in ("ratio", "measured_gib", "estimated_gib")}
+    summary = {key: {r["case"]: round(r[key], 3) for r in results}
+               for key in ("ratio", "measured_gib", "estimated_gib")}
     summary.update(device=results[0]["device"], torch=results[0]["torch"], details=results)
     print(json.dumps(summary))
     if args.out:

@@ -19,8 +19,8 @@ import time
 import torch
 
 from torchtitan_sp.config import load_config
+from torchtitan_sp.rules import validate
 from torchtitan_sp.train import Trainer
-from torchtitan_sp.validate import validate
 
 GPU_DEFAULTS = ["--model.flavor", "8B", "--model.n_layers", "4", "--training.seq_len", "8192",
                 "--training.local_batch_size", "1", "--compile.enable", "true",

@@ -37,7 +37,8 @@ def main(out: Path, logs: Path) -> None:
     if long:
         rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
                      f"{long['tok_s']:,} tok/s, peak {long.get('peak_mem_gib')} GiB, loss {long['loss']}"))
-    for name, what in (("ablate_reshard", "reshard after forward always"), ("ablate_foreach", "foreach AdamW, clip then step")):
+    for name, what in (("ablate_reshard", "reshard after forward always"),
+                       ("ablate_foreach", "foreach AdamW, clip then step")):
         r = load(out, f"{name}.json")
         if r and ours:
             rows.append((f"train S=8192, {what} (undoing one change)",
@@ -57,7 +58,8 @@ def main(out: Path, logs: Path) -> None:
         full = cp["full_sequence"]["tflops_fwd_bwd"]
         for r in cp.get("ring", []):
             rows.append((f"ring attention S={cp['shape']['seq_len']:,} P={r['cp']} headtail={r['headtail']}",
-                         f"{r['tflops_per_rank_fwd_bwd']:.0f} TFLOP/s per rank = {r['tflops_per_rank_fwd_bwd'] / full:.2f}"
+                         f"{r['tflops_per_rank_fwd_bwd']:.0f} TFLOP/s per rank = "
+                         f"{r['tflops_per_rank_fwd_bwd'] / full:.2f}"
                          f" of full attention ({full:.0f})"))
     for name in sorted(logs.glob("*.log")):
         text = name.read_text(errors="replace").strip()

@@ -23,9 +23,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from torchtitan_sp.config import load_config  # noqa: E402
-from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, cp_strategies, default_world_size,  # noqa: E402
-                                    max_seq_len, memory_options)
-from torchtitan_sp.validate import validate  # noqa: E402
+from torchtitan_sp.estimate import default_world_size  # noqa: E402
+from torchtitan_sp.memory_model import Setup, max_seq_len  # noqa: E402
+from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, cp_strategies, memory_options  # noqa: E402
+from torchtitan_sp.rules import validate  # noqa: E402
 
 # metrics.jsonl key -> (file name, y-axis label)
 PLOTS = {"loss": ("loss.png", "loss"), "tps": ("tps.png", "tokens/s per device"),

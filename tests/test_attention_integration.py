@@ -83,7 +83,7 @@ def _worker(rank: int, world: int) -> dict[str, float]:
         dist.all_gather(parts, out.detach().contiguous(), group=cp_mesh.get_group())
         logits_err = ((unshard_sequence(parts, True, dim=1) - ref).abs().max() / ref.abs().max()).item()
         grad_err = 0.0
-        for (name, p), (_, p_ref) in zip(model.named_parameters(), ref_model.named_parameters()):
+        for (_, p), (_, p_ref) in zip(model.named_parameters(), ref_model.named_parameters()):
             g = p.grad.clone()
             dist.all_reduce(g, group=cp_mesh.get_group())  # gradients of the cp ranks' token shares
             grad_err = max(grad_err, ((g - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item())
@@ -104,6 +104,7 @@ def test_model_matches_single_process(setup: tuple) -> None:
 
 def _cp_groups_worker(rank: int, world: int) -> tuple[int, bool]:
     from torch.distributed.distributed_c10d import _world
+
     from torchtitan_sp.config import load_config
     from torchtitan_sp.models.llama3 import model_args
     from torchtitan_sp.parallel_dims import ParallelDims

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan_sp.config import ConfigError, help_text, load_config, Config
-from torchtitan_sp.parallel_dims import ParallelDims
-from torchtitan_sp.validate import check_local_gpus, validate
+from torchtitan_sp.config import Config, ConfigError, help_text, load_config
+from torchtitan_sp.rules import check_local_gpus, validate
 from torchtitan_sp.validate import main as validate_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +49,8 @@ def test_config_path_and_name(tmp_path):
     (["--training.steps", "three"], "training.steps: expected an integer"),
     (["--optimizer.lr", "fast"], "optimizer.lr: expected a number"),
     (["--compile.enable", "maybe"], "compile.enable: expected true or false"),
-    (["--activation_checkpoint.mode", "some"], "activation_checkpoint.mode: 'some' is not valid; choose one of none | full | selective"),
+    (["--activation_checkpoint.mode", "some"],
+     "activation_checkpoint.mode: 'some' is not valid; choose one of none | full | selective"),
     (["--parallelism.context_parallel_strategy", "zigzag"], "ring \\| ulysses \\| usp \\| allgather"),
     (["--training.seq_len", "0"], "training.seq_len: must be >= 1"),
     (["steps"], "unexpected argument"),
@@ -97,7 +97,8 @@ def test_help_lists_every_key():
 @pytest.mark.parametrize("argv, world, shape", [
     ([], 4, (1, 4, 1, 1)),
     (["--parallelism.context_parallel_degree", "2"], 4, (1, 2, 2, 1)),
-    (["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.tensor_parallel_degree", "2"], 8, (2, 2, 1, 2)),
+    (["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.tensor_parallel_degree", "2"], 8,
+     (2, 2, 1, 2)),
     (["--config", "llama8b_cp4.toml"], 8, (1, 2, 4, 1)),
     (["--config", "llama8b_cp4.toml", "--parallelism.context_parallel_degree", "8",
       "--parallelism.data_parallel_shard_degree", "-1"], 8, (1, 1, 8, 1)),
@@ -150,7 +151,8 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
 def test_more_processes_than_gpus_is_one_line():
     check_local_gpus(8, 8)
     check_local_gpus(4, 0)  # no GPU: CPU processes over gloo
-    with pytest.raises(ConfigError, match=r"^8 processes per node .* only 4 GPU\(s\) are visible on this node; set it <= 4"):
+    with pytest.raises(ConfigError,
+                       match=r"^8 processes per node .* only 4 GPU\(s\) are visible on this node; set it <= 4"):
         check_local_gpus(8, 4)
 
 

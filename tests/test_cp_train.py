@@ -30,7 +30,8 @@ def reference(tmp_path_factory) -> list[dict]:
     (4, ["--training.local_batch_size", "2", "--parallelism.context_parallel_degree", "4",
          "--parallelism.context_parallel_strategy", "usp", "--parallelism.context_parallel_ulysses_degree", "2"]),
     (2, ["--training.local_batch_size", "2", "--parallelism.context_parallel_degree", "2",
-         "--parallelism.context_parallel_strategy", "allgather", "--parallelism.context_parallel_load_balancer", "none"]),
+         "--parallelism.context_parallel_strategy", "allgather",
+         "--parallelism.context_parallel_load_balancer", "none"]),
 ], ids=["cp4-ring", "dp2cp2-ring-alltoall", "dp2cp2-ulysses", "cp4-usp2x2", "cp2-allgather-contiguous"])
 def test_cp_matches_single_process(tmp_path, reference, world, extra):
     metrics = run_distributed(train, world, tiny_args(tmp_path, *extra))[0]

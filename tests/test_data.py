@@ -18,8 +18,16 @@ from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_indices, shard_
 from torchtitan_sp.config import Config, load_config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.data.packing import Packer
-from torchtitan_sp.data.text import (Cursor, TextDataset, build_text_dataset, check_data_config,
-                                     check_tokenizer_vocab, resolve_files, resume_after, stdlib_files)
+from torchtitan_sp.data.text import (
+    Cursor,
+    TextDataset,
+    build_text_dataset,
+    check_data_config,
+    check_tokenizer_vocab,
+    resolve_files,
+    resume_after,
+    stdlib_files,
+)
 
 KEYS = ("tokens", "labels", "positions", "document_ids")
 

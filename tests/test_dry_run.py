@@ -67,7 +67,7 @@ def test_dry_run_says_which_device_and_dtype_it_estimates(capsys, monkeypatch):
 
     from torchtitan_sp.config import load_config
     from torchtitan_sp.dry_run import dry_run as print_dry_run
-    from torchtitan_sp.validate import validate
+    from torchtitan_sp.rules import validate
 
     cpu_note = ("; no GPU here: a run on this machine computes in fp32 on CPU, estimated by "
                 "`python -m torchtitan_sp.estimate --device cpu --world_size 8` with the same arguments")

@@ -13,11 +13,20 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from torchtitan_sp.config import load_config
-from torchtitan_sp.estimate import (GIB, Setup, attention_buffers, cp_strategies, estimate, layer_saved, loss_bytes, max_seq_len,
-                                    memory_options, param_counts)
 from torchtitan_sp.estimate import main as estimate_main
+from torchtitan_sp.memory_model import (
+    GIB,
+    Setup,
+    attention_buffers,
+    estimate,
+    layer_saved,
+    loss_bytes,
+    max_seq_len,
+    param_counts,
+)
+from torchtitan_sp.memory_report import cp_strategies, memory_options
 from torchtitan_sp.models.llama3 import FLAVORS
-from torchtitan_sp.validate import validate
+from torchtitan_sp.rules import validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +41,8 @@ def test_memory_options_are_cumulative_and_valid_for_the_mesh():
     assert list(cols) == ["no AC", "full AC", "+ tiled MLP 8", "+ offload"]
     assert (cols["+ offload"].tiles, cols["+ offload"].offload) == (8, True)
     # TP does not combine with tiled MLP (validation rejects it): no such column, nor in the advice.
-    tp = memory_options(setup("--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"))
+    tp = memory_options(setup("--parallelism.tensor_parallel_degree", "2",
+                              "--parallelism.data_parallel_shard_degree", "1"))
     assert list(tp) == ["no AC", "full AC", "+ offload"] and tp["+ offload"].tiles == 1
 
 
@@ -94,7 +104,8 @@ def test_cp_estimate_within_15_percent_of_measured_cpu(tmp_path):
             "--job.dump_folder", str(tmp_path), "--parallelism.context_parallel_degree", "2",
             "--activation_checkpoint.mode", "full", "--activation_checkpoint.tiled_mlp_shards", "8"]
     cases = {"ring": ["--parallelism.context_parallel_strategy", "ring"],
-             "ring, packed documents": ["--parallelism.context_parallel_strategy", "ring", "--training.dataset", "stdlib"],
+             "ring, packed documents": ["--parallelism.context_parallel_strategy", "ring",
+                                        "--training.dataset", "stdlib"],
              "allgather": ["--parallelism.context_parallel_strategy", "allgather"],
              "ulysses": ["--parallelism.context_parallel_strategy", "ulysses"],
              # u = cp: a ring of one rank, which allocates no ring buffers (estimated 0.72x before)

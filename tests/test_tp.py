@@ -20,7 +20,7 @@ from torchtitan_sp.attention.comm_count import CommCounter
 from torchtitan_sp.config import ConfigError, load_config
 from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights, rope_angles
 from torchtitan_sp.parallelize.tp import apply_tp
-from torchtitan_sp.validate import validate
+from torchtitan_sp.rules import validate
 
 B, S = 2, 64
 funcol = torch.ops.c10d_functional  # the op names CommDebugMode reports
@@ -171,7 +171,7 @@ def test_async_tp_needs_cuda():
 
 
 def test_bad_tp_exits_2_with_one_line(capsys):
-    from torchtitan_sp.validate import load_and_validate
+    from torchtitan_sp.rules import load_and_validate
     with pytest.raises(SystemExit) as e:
         load_and_validate(["--parallelism.tensor_parallel_degree", "3"], world_size=3)
     err = capsys.readouterr().err

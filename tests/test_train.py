@@ -155,7 +155,8 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
     data.write_text('{"text": "fine"}\n' * 3 + '{"title": "no text"}\n')
     r = subprocess.run([sys.executable, "-m", "torchtitan_sp.train", "--job.dump_folder", str(dump),
                         "--training.dataset", "files", "--training.dataset_path", str(data)],
-                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 1 and 'bad.jsonl line 4: no "text" field' in r.stdout + r.stderr, r.stdout + r.stderr
     assert {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()} == before
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from torchtitan_sp.train import Trainer
-from torchtitan_sp.validate import validate
 from torchtitan_sp.config import load_config
+from torchtitan_sp.rules import validate
+from torchtitan_sp.train import Trainer
 
 
 def read_metrics(dump_folder: str | Path) -> list[dict]:

@@ -27,85 +27,37 @@ import logging
 import math
 import os
 import pickle
-import re
 import shutil
 import signal
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from torchtitan_sp.checkpoint_files import complete_checkpoints, resume_path
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.text import Cursor, resume_after
-from torchtitan_sp.models.llama3 import Transformer, model_args
-
-if TYPE_CHECKING:
-    from torchtitan_sp.train import Trainer
 
 logger = logging.getLogger("torchtitan_sp")
 
-STEP_DIR = re.compile(r"^step-(\d+)(?:\.tmp)?$")
 EXIT_SIGTERM = 128 + signal.SIGTERM  # the shell's code for "terminated": the run did not finish
-
-
-def complete_checkpoints(folder: Path) -> dict[int, Path]:
-    """step -> folder of every complete checkpoint (DCP's .metadata present): step-N, or a
-    step-N.tmp whose rename the run did not reach (load publishes it)."""
-    if not folder.is_dir():
-        return {}
-    found: dict[int, Path] = {}
-    for p in sorted(folder.iterdir(), key=lambda p: p.suffix != ".tmp"):  # step-N wins over step-N.tmp
-        m = STEP_DIR.match(p.name)
-        if m and (p / ".metadata").is_file():
-            found[int(m.group(1))] = p
-    return found
-
-
-def resume_path(folder: Path, load_step: int) -> Path | None:
-    """The checkpoint a run with checkpoint.enable resumes from: load_step's, else the newest, else none."""
-    found = complete_checkpoints(folder)
-    if load_step >= 0:
-        if load_step not in found:
-            raise FileNotFoundError(f"checkpoint.load_step {load_step}: no complete checkpoint step-{load_step} "
-                                    f"in {folder} (complete ones: {sorted(found) or 'none'})")
-        return found[load_step]
-    return found[max(found)] if found else None
-
-
-def check_checkpoint(cfg: Config) -> None:
-    """Before launch (validate.py): the DCP checkpoint the run would load exists and holds exactly
-    this model's parameters and shapes (DCP alone would load a cut model's subset without a word)."""
-    ck = cfg.checkpoint
-    key = "checkpoint.load_step"
-    path = resume_path(Path(cfg.job.dump_folder) / ck.folder, ck.load_step) if ck.enable else None
-    if path is None and ck.initial_load_path:
-        key, path = "checkpoint.initial_load_path", resolve_repo_path(ck.initial_load_path)
-        if path.is_file():  # an exported model.pt; its keys are checked when loaded
-            return
-    if path is None:
-        return
-    if not (path / ".metadata").is_file():
-        raise ValueError(f"{key}: {path} is not a DCP checkpoint folder (no .metadata)")
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    have = {k: tuple(m.size) for k, m in saved.items() if k.startswith("model.") and hasattr(m, "size")}
-    with torch.device("meta"):
-        model = Transformer(model_args(cfg.model.flavor, cfg.model.n_layers))
-    want = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
-    differ = [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]
-    if differ:
-        k = differ[0]
-        raise ValueError(f"{key}: {path} holds another model than model.flavor {cfg.model.flavor!r} "
-                         f"(model.n_layers {cfg.model.n_layers}): {k[len('model.'):]} is "
-                         f"{list(have[k]) if k in have else 'absent'} there, "
-                         f"{list(want[k]) if k in want else 'absent'} here")
 
 
 def _logged_step(line: str) -> float:
@@ -129,15 +81,26 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class CheckpointManager:
-    """Saves, loads and exports the Trainer's state. Every method is called on all ranks."""
+@dataclass
+class TrainState:
+    """The training loop's own state, saved with the model, optimizer and data loaders."""
+    step: int = 0
+    tokens_seen: int = 0
 
-    def __init__(self, cfg: Config, trainer: Trainer):
-        self.ck, self.trainer = cfg.checkpoint, trainer
+
+class CheckpointManager:
+    """Saves, loads and exports what it is given: the model, optimizer, data loader and train state
+    (the loader's state per data-parallel rank of `dp_mesh`). Every method is called on all ranks."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 dataloader: StatefulDataLoader, train_state: TrainState, dp_mesh: DeviceMesh):
+        self.ck = cfg.checkpoint
+        self.model, self.optimizer, self.dataloader, self.train_state = model, optimizer, dataloader, train_state
         self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
         self.metrics_file = Path(cfg.job.dump_folder) / "metrics.jsonl"
         self.rank = dist.get_rank()
-        self.dp_rank = trainer.meshes["dp"].get_local_rank()
+        self.dp_rank, self.dp = dp_mesh.get_local_rank(), dp_mesh.size()
+        self.device = torch.device(dp_mesh.device_type)  # of the SIGTERM flag's all-reduce
         self.pending: tuple[Future, int] | None = None  # the async save in flight and its step
         self.pg: dist.ProcessGroup | None = None
         if self.ck.enable:
@@ -163,11 +126,10 @@ class CheckpointManager:
     def _state(self) -> dict[str, Any]:
         """The DCP state dict. Non-tensor values are pickled bytes: DCP stores each as one item,
         and keys that differ per rank (data loader, RNG) are kept apart by name."""
-        t = self.trainer
-        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optimizer": optim_sd,
-                "train_state": pickle.dumps({"step": t.step, "tokens_seen": t.tokens_seen}),
-                "dataloader": {f"dp_rank_{self.dp_rank}": pickle.dumps(t.dataloader.state_dict())},
+                "train_state": pickle.dumps(asdict(self.train_state)),
+                "dataloader": {f"dp_rank_{self.dp_rank}": pickle.dumps(self.dataloader.state_dict())},
                 "rng": {f"rank_{self.rank}": pickle.dumps(_rng_state())}}
 
     # ---- load -----------------------------------------------------------------------------
@@ -187,22 +149,23 @@ class CheckpointManager:
             self._load_weights(resolve_repo_path(self.ck.initial_load_path))
 
     def _load_checkpoint(self, path: Path) -> None:
-        t, start = self.trainer, time.perf_counter()
+        start = time.perf_counter()
         saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         old_dp = sum(k.startswith("dataloader.") for k in saved)
         same_world = sum(k.startswith("rng.") for k in saved) == dist.get_world_size()
         # Another dp degree needs every old rank's data state to place the new ranks.
-        loader_keys = [f"dp_rank_{r}" for r in ([self.dp_rank] if old_dp == t.dims.dp else range(old_dp))]
+        loader_keys = [f"dp_rank_{r}" for r in ([self.dp_rank] if old_dp == self.dp else range(old_dp))]
         state = self._state()
         state["dataloader"] = {key: b"" for key in loader_keys}
         if not same_world:  # per-rank RNG streams do not map onto another world size
             del state["rng"]
         dcp.load(state, checkpoint_id=str(path))
 
-        set_state_dict(t.model, t.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        train_state = pickle.loads(state["train_state"])
-        t.step, t.tokens_seen = train_state["step"], train_state["tokens_seen"]
-        self._load_dataloader([pickle.loads(state["dataloader"][key]) for key in loader_keys], old_dp == t.dims.dp)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        t = self.train_state
+        t.step, t.tokens_seen = (pickle.loads(state["train_state"])[k] for k in ("step", "tokens_seen"))
+        self._load_dataloader([pickle.loads(state["dataloader"][key]) for key in loader_keys], old_dp == self.dp)
         if same_world:
             _set_rng_state(pickle.loads(state["rng"][f"rank_{self.rank}"]))
         else:
@@ -214,7 +177,7 @@ class CheckpointManager:
 
     def _load_dataloader(self, states: list[dict[str, Any]], same_dp: bool) -> None:
         """`states`: this rank's own (same dp degree) or every old dp rank's, in rank order."""
-        loader, dp = self.trainer.dataloader, self.trainer.dims.dp
+        loader, dp = self.dataloader, self.dp
         if same_dp:
             loader.load_state_dict(states[0])
             return
@@ -249,7 +212,7 @@ class CheckpointManager:
 
     def _load_weights(self, path: Path) -> None:
         """Model weights only, from a DCP checkpoint folder or a model.pt of export_final."""
-        model = self.trainer.model
+        model = self.model
         if path.is_file():  # rank 0 reads the full state dict; set_model_state_dict scatters it
             full = torch.load(path, map_location="cpu", weights_only=True) if self.rank == 0 else {}
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -282,7 +245,7 @@ class CheckpointManager:
         """True on every rank if any rank got SIGTERM: all must save the same step, together."""
         if not self.watch_sigterm:
             return False
-        flag = torch.tensor([float(self.sigterm)], device=self.trainer.device)
+        flag = torch.tensor([float(self.sigterm)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -297,7 +260,8 @@ class CheckpointManager:
             logger.info(f"saved checkpoint step-{step} in {time.perf_counter() - start:.2f}s")
         else:  # returns once the state is copied; writing goes on in a background thread
             self.pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.pg), step)
-            logger.info(f"checkpoint step-{step}: staged in {time.perf_counter() - start:.2f}s, writing in the background")
+            logger.info(f"checkpoint step-{step}: staged in {time.perf_counter() - start:.2f}s, "
+                        "writing in the background")
 
     def _wait(self) -> None:
         if self.pending is not None:
@@ -341,7 +305,7 @@ class CheckpointManager:
 
     def export(self) -> None:
         """The full model state dict in one file (rank 0 writes; every rank takes part in the gather)."""
-        full = get_model_state_dict(self.trainer.model,
+        full = get_model_state_dict(self.model,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)

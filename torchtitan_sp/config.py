@@ -99,7 +99,7 @@ class Training:
     dataset: str = "synthetic"
     """Data source: synthetic | stdlib (this interpreter's standard-library source) | files (training.dataset_path)."""
     dataset_path: str = ""
-    """File, folder or glob of .txt, .jsonl/.json ("text" field), .parquet (pyarrow); relative: cwd, else repo (globs: cwd only)."""
+    """File, folder or glob of .txt, .jsonl/.json ("text" field), .parquet (pyarrow); relative: cwd, else repo (globs: cwd only)."""  # noqa: E501
     packing: bool = True
     """Pack documents into seq_len windows with per-document positions and a document-causal mask."""
     mixed_precision_param: str = "bfloat16"
@@ -153,7 +153,7 @@ class ActivationCheckpoint:
     mode: str = "none"
     """none | full | selective."""
     selective_ac_option: str = "2"
-    """selective mode: an integer N checkpoints every N-th block; "op" saves matmul and SDPA outputs, recomputes the rest."""
+    """selective mode: an integer N checkpoints every N-th block; "op" saves matmul and SDPA outputs, recomputes the rest."""  # noqa: E501
     tiled_mlp_shards: int = 1
     """Run each feed-forward over this many sequence tiles with recomputation (1 = off)."""
     offload: bool = False
@@ -363,7 +363,8 @@ def load_config(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         for sec, table in data.items():
             if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {sec!r} must be a [section]; sections: {', '.join(_sections())}")
+                raise ConfigError(f"{path}: top-level key {sec!r} must be a [section]; "
+                                  f"sections: {', '.join(_sections())}")
             for key, val in table.items():
                 _set(cfg, f"{sec}.{key}", val)
         cfg.job.config_file = str(path)

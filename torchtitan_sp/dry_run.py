@@ -3,7 +3,7 @@
 Prints the mesh (degrees and the flattened dims each job uses); the model's shape, parameter counts
 and per-block list of what a run applies (the model is built on the meta device with only tiled MLP
 and AC applied; TP, CP, offload, compile and FSDP2 are named, not applied); the tokens per rank; and
-the memory estimate of torchtitan_sp.estimate (for CUDA GPUs, whatever this machine has: a dry run
+the memory estimate of memory_model/memory_report (for CUDA GPUs, whatever this machine has: a dry run
 plans a GPU run).
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from torchtitan_sp.config import Config
-from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, breakdown_text, fit_advice, max_seq_table,
-                                    param_counts)
+from torchtitan_sp.memory_model import Setup, param_counts
+from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, breakdown_text, fit_advice, max_seq_table
 from torchtitan_sp.models.llama3 import Transformer, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.ac import apply_ac

@@ -28,16 +28,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's own deprecation noise
 
 from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
+from torchtitan_sp.checkpoint import CheckpointManager, TrainState
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
-from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
+from torchtitan_sp.memory_model import GIB, Setup, estimate
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
-from torchtitan_sp.validate import load_and_validate
+from torchtitan_sp.rules import load_and_validate
 
 logger = logging.getLogger("torchtitan_sp")
 CUDA_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -121,13 +122,12 @@ class Trainer:
         self.grad_accum = dims.grad_accum_steps(cfg)
         t = cfg.training
         self.tokens_per_step = t.local_batch_size * t.seq_len * dims.dp * self.grad_accum  # global
-        self.step = 0
-        self.tokens_seen = 0
+        self.train_state = TrainState()
 
         self.checkpointer = None
         if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path or cfg.checkpoint.export_final:
-            from torchtitan_sp.checkpoint import CheckpointManager
-            self.checkpointer = CheckpointManager(cfg, self)
+            self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.dataloader, self.train_state,
+                                                  self.meshes["dp"])
             self.checkpointer.load()
             if self.step:  # resumed
                 restore_hyperparameters(self.optimizer, cfg.optimizer)
@@ -140,6 +140,23 @@ class Trainer:
         self.peak = peak_tflops(self.device)
         self._summary()
 
+    # The loop's counters live in the train state that the checkpoint saves and restores.
+    @property
+    def step(self) -> int:
+        return self.train_state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.train_state.step = value
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.train_state.tokens_seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self.train_state.tokens_seen = value
+
     def _summary(self) -> None:
         cfg, d = self.cfg, self.dims
         t = cfg.training
@@ -150,7 +167,8 @@ class Trainer:
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
         logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "
                     f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
-                    f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {self.tokens_per_step:,} tokens "
+                    f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = "
+                    f"{self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
         self._memory_summary()
 

@@ -2,8 +2,9 @@
 random offsets (mod vocab).
 
 Every token has four equally likely successors, so a model's loss falls from ln(vocab) towards
-ln(4) in a few dozen steps; the stream is a cumulative sum, so even 1M-token samples are cheap. Sample i is drawn from a generator seeded by (seed, i), so the stream is the
-same whatever the number of ranks; rank r of d reads samples r, r + d, r + 2d, ...
+ln(4) in a few dozen steps; the stream is a cumulative sum, so even 1M-token samples are cheap.
+Sample i is drawn from a generator seeded by (seed, i), so the stream is the same whatever the
+number of ranks; rank r of d reads samples r, r + d, r + 2d, ...
 """
 
 from __future__ import annotations

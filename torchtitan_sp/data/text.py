@@ -171,7 +171,8 @@ def _parquet_module(path: Path) -> Any:
     try:
         import pyarrow.parquet as pq  # optional: only .parquet corpora need it
     except ImportError:
-        raise ValueError(f"training.dataset_path: {path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        raise ValueError(f"training.dataset_path: {path}: reading .parquet needs pyarrow "
+                         "(pip install pyarrow)") from None
     return pq
 
 

@@ -55,7 +55,8 @@ def load_ranks(path: Path) -> dict[bytes, int]:
         raise ValueError(f"model.tokenizer_path: {path}: ranks are not 0..{len(ranks) - 1}, each once")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:  # byte-level BPE needs every single byte, or some text cannot be encoded
-        raise ValueError(f"model.tokenizer_path: {path} lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]})")
+        raise ValueError(f"model.tokenizer_path: {path} lacks {len(missing)} single-byte tokens "
+                         f"(e.g. byte {missing[0]})")
     return ranks
 
 

@@ -13,11 +13,16 @@ import logging
 import warnings
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from torchtitan_sp.models.llama3 import Transformer
 
@@ -51,7 +56,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
     tp = tp_mesh.size()
     args = model.args
     if args.n_heads % tp or args.n_kv_heads % tp:
-        raise ValueError(f"tensor_parallel_degree {tp} must divide n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads}")
+        raise ValueError(f"tensor_parallel_degree {tp} must divide n_heads {args.n_heads} "
+                         f"and n_kv_heads {args.n_kv_heads}")
     parallelize_module(model, tp_mesh, {
         # Tokens are the same on every tp rank; each rank looks up its vocabulary rows and the
         # partial sums are reduce-scattered over the sequence.
