@@ -1,63 +1,99 @@
 #!/usr/bin/env bash
-# Every GPU check (one H100): attention parity on the CUDA kernels, training throughput next to
-# TorchTitan 0.2.2 on the same card (with and without clipping), ring-attention efficiency, the
-# longest sequence on one GPU, and estimated vs measured memory. Results (JSON + logs) go to
-# $OUT (default ./outputs/gpu_check); the last thing printed is a summary table.
-# All steps at their limits take ~18 minutes, more than one 10-minute device call: split with SKIP, e.g.
-#   SKIP="long_seq packed_s131072 memory parity block_mask cp_attention" bash scripts/gpu_check.sh   # ~7 min
-#   SKIP="ours_s8192 anchor_s8192 ours_s8192_noclip ablate_reshard ablate_foreach" bash scripts/gpu_check.sh
-# (the second call: long sequences, packed text at 128K, memory, parity, BlockMask, ring efficiency)
+# GPU checks on one H200 (or H100), each variant one device call under 8 minutes that installs nothing:
+#   VARIANT=speed  (default, ~7.5 min) ours next to TorchTitan 0.2.2 on the 8B-shaped 4-layer stack, full
+#                  vocabulary, AdamW: S=8K no AC, 16K and 32K full AC; then the four speed changes of
+#                  2026-11-26, each undone alone at 8K (eager loss, foreach clip-then-step, reshard
+#                  always, three host syncs per step).
+#   VARIANT=short  (~4 min, a rerun) the 8K and 32K pairs only.
+#   VARIANT=long   (~5 min) memory at length, one step each: the 4-layer stack at 256K (full AC + tiled
+#                  MLP), the whole Llama-3.2-3B with CPU offload at 32K, each with peak device memory, the
+#                  estimator's peak and host RSS. The whole Llama-3-8B with CPU offload needs ~120 GiB of
+#                  host RAM for its fp32 states alone (the estimator says so; the H200 machine has 128 GiB):
+#                  it runs only when named, ONLY=whole_8b_cpu_offload_s32768, as the call's last step.
+#                  512K-1M tokens take minutes per step on one GPU: one per call, with ONLY=.
+#   VARIANT=checks (~6 min) attention parity on the CUDA kernels, the compiled BlockMask at 128K, ring
+#                  efficiency, estimated vs measured memory.
+# ONLY="name ..." runs just those steps of the variant, SKIP="name ..." leaves some out.
+# Results (JSON, the logs' tails, summary.md) go to $OUT (default ./outputs/gpu_check).
 #
-#   bash scripts/gpu_check.sh            # needs: a CUDA GPU, torch >= 2.11, torchdata
-# Optional: wheels in .whl/ (torchdata, and torchtitan 0.2.2 with its dependencies for the anchor,
-# plus .whl/anchor_torchtitan.py) are installed into /tmp/site first; without the anchor it is skipped.
+# The anchor and torchdata come as wheels in .whl/ (carry: [".whl"]), put on PYTHONPATH as zip files:
+#   echo /.whl/ >> .git/info/exclude; cp ../shared/gpu-baseline/anchor_torchtitan.py .whl/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
+#     torchtitan==0.2.2 tyro docstring-parser typeguard shtab torchdata
+# Without the anchor its steps are skipped; everything else runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./outputs/gpu_check}
-LOGS=${LOGS:-/tmp/gpu_check_logs}  # full logs; $OUT gets their tails (the device returns at most 8 files)
+LOGS=${LOGS:-/tmp/gpu_check_logs}  # full logs; $OUT gets their tails
+VARIANT=${VARIANT:-speed}
 mkdir -p "$OUT" "$LOGS"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+WHEELS=$(ls "$PWD"/.whl/*.whl 2>/dev/null | tr '\n' ':')
+export PYTHONPATH=$PWD:${WHEELS}${PYTHONPATH:-} PYTHONUNBUFFERED=1  # pure-Python wheels import as zip files
+ANCHOR=""
+if [ -f .whl/anchor_torchtitan.py ]; then  # the shared anchor, compiled runs only (its eager run doubles the time)
+    ANCHOR=/tmp/anchor_torchtitan.py
+    sed 's/^for compiled in (False, True):/for compiled in (True,):/' .whl/anchor_torchtitan.py > "$ANCHOR"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.log"
+free -g | head -2 >> "$LOGS/gpu.log"
 
+wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]] && [[ " ${SKIP:-} " != *" $1 "* ]]; }
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, never stop the script
     local name=$1 limit=$2; shift 2
+    wanted "$name" || return 0
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
     timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local rc=$?
     echo "    rc=$rc in $((SECONDS - t0))s; tail:"; tail -n 3 "$LOGS/$name.log" | cut -c1-300
 }
+ours() {  # ours NAME SECONDS [bench_train args...]
+    local name=$1 limit=$2; shift 2
+    step "$name" "$limit" python3 scripts/bench_train.py --out "$OUT/$name.json" "$@"
+}
+anchor() {  # anchor NAME SECONDS S AC
+    [ -n "$ANCHOR" ] || return 0
+    mkdir -p "$OUT/$1"
+    step "$1" "$2" env S="$3" AC="$4" OUT="$OUT/$1" python3 "$ANCHOR"
+}
+FULL_AC=(--activation_checkpoint.mode full)
 
-# Most important first: a call cut short still returns what finished. SKIP="name ..." skips steps.
-skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
-skip ours_s8192 || step ours_s8192 110 python3 scripts/bench_train.py --steps 10 --warmup 3 --out "$OUT/ours_s8192.json" \
-    --profile "$OUT/profile_s8192.txt"
-if [ -f .whl/anchor_torchtitan.py ] && ! skip anchor_s8192; then
-    step anchor_s8192 90 env S=8192 COMPILED_ONLY=1 OUT="$OUT" python3 .whl/anchor_torchtitan.py
-fi
-# The anchor's exact work: it clips no gradients (ours clips at training.max_norm = 1.0 by default).
-skip ours_s8192_noclip || step ours_s8192_noclip 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
-    --training.max_norm 0 --out "$OUT/ours_s8192_noclip.json"
-# What two of the 2026-11-26 speed changes are worth: each undone alone.
-skip ablate_reshard || step ablate_reshard 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
-    --parallelism.fsdp_reshard_after_forward always --out "$OUT/ablate_reshard.json"
-skip ablate_foreach || step ablate_foreach 100 python3 scripts/bench_train.py --steps 10 --warmup 3 \
-    --optimizer.implementation foreach --out "$OUT/ablate_foreach.json"
-skip long_seq || step long_seq 130 python3 scripts/bench_train.py --steps 1 --warmup 1 --compile.enable false \
-    --training.seq_len 262144 --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 \
-    --out "$OUT/ours_s262144.json"
-# Packed real text at 128K on one GPU: FlexAttention with the compiled document BlockMask, in training.
-skip packed_s131072 || step packed_s131072 150 python3 scripts/bench_train.py --steps 2 --warmup 1 \
-    --compile.enable false --training.dataset stdlib --training.seq_len 131072 \
-    --activation_checkpoint.mode full --activation_checkpoint.tiled_mlp_shards 8 --out "$OUT/ours_packed_s131072.json"
-skip memory || step memory 60 python3 scripts/bench_memory.py --cases none,full_tiled --out "$OUT/memory.json"
-skip parity || step parity 45 python3 scripts/gpu_attention_parity.py --out "$OUT/parity.json"
-skip block_mask || step block_mask 60 python3 scripts/bench_block_mask.py --seq 131072 --modes compiled \
-    --out "$OUT/block_mask.json"
-skip cp_attention || step cp_attention 120 python3 scripts/bench_cp_attention.py --out "$OUT/cp_attention.json"
+case $VARIANT in
+speed|short)
+    # Most important first: a call cut short still returns what finished.
+    ours ours_s8192 100 --steps 10 --warmup 3
+    anchor anchor_s8192 90 8192 none
+    if [ "$VARIANT" = speed ]; then
+        ours ours_s16384_fullac 100 --steps 6 --warmup 2 --training.seq_len 16384 "${FULL_AC[@]}"
+        anchor anchor_s16384_fullac 90 16384 full
+    fi
+    ours ours_s32768_fullac 110 --steps 5 --warmup 2 --training.seq_len 32768 "${FULL_AC[@]}"
+    anchor anchor_s32768_fullac 100 32768 full
+    if [ "$VARIANT" = speed ]; then
+        ours ablate_eager_loss 80 --steps 6 --warmup 2 --ablate eager_loss
+        ours ablate_foreach 80 --steps 6 --warmup 2 --optimizer.implementation foreach
+        ours ablate_reshard 80 --steps 6 --warmup 2 --parallelism.fsdp_reshard_after_forward always
+        ours ablate_host_syncs 80 --steps 6 --warmup 2 --ablate host_syncs
+    fi ;;
+long)
+    ours long_4l_s262144 150 --steps 1 --warmup 1 --compile.enable false --training.seq_len 262144 \
+        "${FULL_AC[@]}" --activation_checkpoint.tiled_mlp_shards 8
+    ours whole_3b_cpu_offload_s32768 150 --steps 1 --warmup 1 --model.flavor 3B --model.n_layers 0 \
+        --training.seq_len 32768 "${FULL_AC[@]}" --activation_checkpoint.tiled_mlp_shards 8 \
+        --training.enable_cpu_offload true
+    if [[ " ${ONLY:-} " == *" whole_8b_cpu_offload_s32768 "* ]]; then  # host RAM: see the header
+        ours whole_8b_cpu_offload_s32768 170 --steps 1 --warmup 1 --model.flavor 8B --model.n_layers 0 \
+            --training.seq_len 32768 "${FULL_AC[@]}" --activation_checkpoint.tiled_mlp_shards 8 \
+            --training.enable_cpu_offload true
+    fi ;;
+checks)
+    step parity 45 python3 scripts/gpu_attention_parity.py --out "$OUT/parity.json"
+    step block_mask 60 python3 scripts/bench_block_mask.py --seq 131072 --modes compiled --out "$OUT/block_mask.json"
+    step memory 60 python3 scripts/bench_memory.py --cases none,full_tiled --out "$OUT/memory.json"
+    step cp_attention 120 python3 scripts/bench_cp_attention.py --out "$OUT/cp_attention.json" ;;
+*)
+    echo "VARIANT must be speed | short | long | checks, got '$VARIANT'" >&2; exit 2 ;;
+esac
 for f in "$LOGS"/*.log; do echo "=== $f"; tail -n 60 "$f"; done > "$OUT/logs.txt"
 python3 scripts/gpu_summary.py "$OUT" "$LOGS" | tee "$OUT/summary.md"

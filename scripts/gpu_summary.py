@@ -14,35 +14,35 @@ def load(out: Path, name: str) -> dict | None:
 
 def main(out: Path, logs: Path) -> None:
     rows = []
-    ours, tt = load(out, "ours_s8192.json"), load(out, "anchor_torchtitan.json")
-    if ours:
-        rows.append(("train 8B/4 layers S=8192 (ours, compiled)",
-                     f"{ours['tok_s']:,} tok/s, MFU {ours.get('mfu_causal_pct')}% (causal count), "
-                     f"peak {ours.get('peak_mem_gib')} GiB"))
-    if tt:
-        key = "tt_compiled_tok_s" if "tt_compiled_tok_s" in tt else "tt_eager_tok_s"
-        rows.append(("train 8B/4 layers S=8192 (TorchTitan 0.2.2)", f"{tt[key]:,} tok/s ({key})"))
+    # ours vs the anchor, each pair from the same call: (our file, anchor folder, what)
+    pairs = (("ours_s8192", "anchor_s8192", "S=8192, no AC"), ("ours_s16384_fullac", "anchor_s16384_fullac",
+             "S=16384, full AC"), ("ours_s32768_fullac", "anchor_s32768_fullac", "S=32768, full AC"))
+    for name, anchor, what in pairs:
+        ours, tt = load(out, f"{name}.json"), load(out / anchor, "anchor_torchtitan.json")
         if ours:
-            rows.append(("ratio ours / TorchTitan (same card, same call)", f"{ours['tok_s'] / tt[key]:.3f}"))
-    noclip = load(out, "ours_s8192_noclip.json")
-    if noclip:
-        rows.append(("train 8B/4 layers S=8192 (ours, compiled, no clipping: the anchor's work)",
-                     f"{noclip['tok_s']:,} tok/s, MFU {noclip.get('mfu_causal_pct')}%"
-                     + (f", ratio to TorchTitan {noclip['tok_s'] / tt[key]:.3f}" if tt else "")))
-    packed = load(out, "ours_packed_s131072.json")
-    if packed:
-        rows.append((f"packed text S={packed['seq_len']:,} (FlexAttention document mask, full AC)",
-                     f"{packed['tok_s']:,} tok/s, peak {packed.get('peak_mem_gib')} GiB, loss {packed['loss']}"))
-    long = load(out, "ours_s262144.json")
-    if long:
-        rows.append((f"longest run: S={long['seq_len']:,} full AC (ours)",
-                     f"{long['tok_s']:,} tok/s, peak {long.get('peak_mem_gib')} GiB, loss {long['loss']}"))
-    for name, what in (("ablate_reshard", "reshard after forward always"),
-                       ("ablate_foreach", "foreach AdamW, clip then step")):
+            rows.append((f"train 8B/4 layers {what} (ours, compiled)",
+                         f"{ours['tok_s']:,} tok/s, MFU {ours.get('mfu_causal_pct')}% (causal count), "
+                         f"peak {ours.get('peak_mem_gib')} GiB (estimated {ours.get('estimated_peak_gib')})"))
+        if tt:
+            rows.append((f"train 8B/4 layers {what} (TorchTitan 0.2.2, compiled)",
+                         f"{tt['tt_compiled_tok_s']:,} tok/s, peak {tt['tt_compiled_peak_gib']} GiB"))
+        if ours and tt:
+            rows.append((f"ratio ours / TorchTitan, {what} (same call)",
+                         f"{ours['tok_s'] / tt['tt_compiled_tok_s']:.3f}"))
+    base = load(out, "ours_s8192.json")
+    for name, what in (("ablate_eager_loss", "eager cross-entropy"),
+                       ("ablate_foreach", "foreach AdamW, clip then step"),
+                       ("ablate_reshard", "reshard after forward always"),
+                       ("ablate_host_syncs", "three extra host syncs per step")):
         r = load(out, f"{name}.json")
-        if r and ours:
+        if r and base:
             rows.append((f"train S=8192, {what} (undoing one change)",
-                         f"{r['tok_s']:,} tok/s = {r['tok_s'] / ours['tok_s']:.3f} of the default"))
+                         f"{r['tok_s']:,} tok/s = {r['tok_s'] / base['tok_s']:.3f} of the default"))
+    for f in sorted(out.glob("long_*.json")) + sorted(out.glob("whole_*.json")):
+        r = json.loads(f.read_text())
+        rows.append((f"{f.stem}: {r['flavor']} x {r['n_layers']} layers, S={r['seq_len']:,}",
+                     f"{r['tok_s']:,} tok/s, peak {r.get('peak_mem_gib')} GiB (estimated "
+                     f"{r.get('estimated_peak_gib')}), host RSS {r.get('host_rss_gib')} GiB, loss {r['loss']}"))
     for r in load(out, "block_mask.json") or []:
         rows.append((f"document BlockMask S={r['seq']:,} ({r['mode']} create_block_mask)",
                      r.get("error") or f"{r['first_s']} s first, {r['second_s']} s next, peak {r['peak_gib']} GiB"))

@@ -40,6 +40,19 @@ def test_cp_matches_single_process(tmp_path, reference, world, extra):
     assert [m["tokens_seen"] for m in metrics] == [m["tokens_seen"] for m in reference]
 
 
+def test_cpu_offload_matches_single_process(tmp_path, reference):
+    """FSDP2's CPU offload (unpinned on CPU: the same policy, hooks and host-side optimizer step) with
+    dp2 x cp2, full AC and tiled MLP logs what one process logs."""
+    extra = ["--training.local_batch_size", "1", "--parallelism.context_parallel_degree", "2",
+             "--training.enable_cpu_offload", "true", "--activation_checkpoint.mode", "full",
+             "--activation_checkpoint.tiled_mlp_shards", "2"]
+    metrics = run_distributed(train, 4, tiny_args(tmp_path, *extra))[0]
+    assert_close(losses(metrics), losses(reference), 1e-5)
+    assert_close([m["grad_norm"] for m in metrics], [m["grad_norm"] for m in reference], 1e-4)
+    applied = json.loads((tmp_path / "config.json").read_text())["applied"]
+    assert any("CPU offload" in a for a in applied), applied
+
+
 def test_packed_documents_under_cp(tmp_path):
     """Real text, packed with per-document positions and a document-causal mask: every strategy
     (head-tail; cp2, usp as 2 x 2 on cp4, ring also under tp2) logs what one process logs. The documents

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,13 @@ from torchtitan_sp.memory_model import (
     Setup,
     attention_buffers,
     estimate,
+    fits,
     layer_saved,
     loss_bytes,
     max_seq_len,
     param_counts,
 )
-from torchtitan_sp.memory_report import cp_strategies, memory_options
+from torchtitan_sp.memory_report import cp_strategies, fit_advice, host_advice, memory_options
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.rules import validate
 
@@ -38,12 +40,15 @@ def setup(*overrides: str, world: int = 8, device: str = "cuda") -> Setup:
 
 def test_memory_options_are_cumulative_and_valid_for_the_mesh():
     cols = memory_options(setup())
-    assert list(cols) == ["no AC", "full AC", "+ tiled MLP 8", "+ offload"]
-    assert (cols["+ offload"].tiles, cols["+ offload"].offload) == (8, True)
+    assert list(cols) == ["no AC", "full AC", "+ tiled MLP 8", "+ offload", "+ CPU offload"]
+    assert (cols["+ offload"].tiles, cols["+ offload"].offload, cols["+ offload"].cpu_offload) == (8, True, False)
+    assert (cols["+ CPU offload"].offload, cols["+ CPU offload"].cpu_offload) == (True, True)
     # TP does not combine with tiled MLP (validation rejects it): no such column, nor in the advice.
     tp = memory_options(setup("--parallelism.tensor_parallel_degree", "2",
                               "--parallelism.data_parallel_shard_degree", "1"))
-    assert list(tp) == ["no AC", "full AC", "+ offload"] and tp["+ offload"].tiles == 1
+    assert list(tp) == ["no AC", "full AC", "+ offload", "+ CPU offload"] and tp["+ offload"].tiles == 1
+    # On CPU nothing is offloaded: the trainer's CPU runs keep everything in (host) memory anyway.
+    assert list(memory_options(setup(device="cpu"))) == ["no AC", "full AC", "+ tiled MLP 8"]
 
 
 def test_llama8b_arithmetic():
@@ -69,6 +74,45 @@ def test_llama8b_arithmetic():
     offload = estimate(dataclasses.replace(s, ac_mode="full", offload=True))
     assert offload["host memory (offloaded block inputs)"] == 32 * 8192 * t
     assert offload["peak"] < full["peak"] - 0.9 * 32 * 8192 * t
+
+
+def test_longest_seq_len_does_not_depend_on_the_configured_one():
+    """The loss chunks itself once a micro-batch's logits pass 4 GiB, so the seq_len table of a recipe
+    at 8K (unchunked there) equals the table of the same recipe at 64K (was 190K vs 454K for the 4-layer
+    8B stack with tiled MLP on an H100: the 8K setup kept its unchunked loss at every length)."""
+    stack = ("--parallelism.context_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "1",
+             "--model.n_layers", "4", "--activation_checkpoint.mode", "full",
+             "--activation_checkpoint.tiled_mlp_shards", "8")
+    short, long = setup(*stack, "--training.seq_len", "8192", world=1), setup(*stack, "--training.seq_len",
+                                                                                "65536", world=1)
+    assert (short.chunked_loss, long.chunked_loss) == (False, True)
+    assert max_seq_len(short, 79.0) == max_seq_len(long, 79.0) > 256 * 1024
+
+
+def test_cpu_offload_moves_the_states_to_the_host():
+    """training.enable_cpu_offload: the 16 B per parameter (fp32 shard, gradient, two AdamW states)
+    leave the device for the host; blocks are resharded even when FSDP spans one rank; the estimator's
+    advice names CPU offload when nothing else fits, and the host check names the node's RAM."""
+    one_gpu = ("--parallelism.context_parallel_degree", "1", "--parallelism.data_parallel_shard_degree", "1",
+               "--training.seq_len", "65536", "--activation_checkpoint.mode", "full")
+    s = setup(*one_gpu, world=1)
+    off = setup(*one_gpu, "--training.enable_cpu_offload", "true", world=1)
+    assert (s.reshard, off.reshard, off.cpu_offload) == (False, True, True)
+    n = param_counts(s.args)[0]
+    est, est_off = estimate(s), estimate(off)
+    assert est_off["host memory (parameters, gradients, optimizer states)"] == 16 * n
+    assert est_off["parameters (fp32, sharded)"] == est_off["optimizer states (AdamW, fp32, sharded)"] == 0
+    assert est_off["peak"] < est["peak"] - 12 * n  # the 16 B/param less some transient copies
+    assert estimate(dataclasses.replace(off, device="cpu", cpu_offload=False))["host memory (parameters, " \
+        "gradients, optimizer states)"] == 0
+    advice = fit_advice(s, 79.0, 1, "default")
+    assert advice.startswith("does not fit") and "+ CPU offload" in advice
+    assert fits(options := memory_options(s)["+ CPU offload"], 79.0) and not fits(dataclasses.replace(
+        options, cpu_offload=False), 79.0)
+    host = host_advice(off, 128.0, world_size=1)
+    assert host == f"host memory per node: 1 rank x {16 * n / GIB:.2f} GiB = {16 * n / GIB:.2f} GiB of 128.0 GiB"
+    assert "does not fit the host" in host_advice(off, 100.0, world_size=1)
+    assert host_advice(s, 100.0, world_size=1) is None
 
 
 def _bench(rank: int, world: int, argvs: list[list[str]], small_chunks: bool = True) -> list[dict]:
@@ -215,11 +259,19 @@ def test_cli_assumed_world_size_and_does_not_fit(capsys, monkeypatch):
                         "whatever world size the run has; set it with --world_size N")
     reserved = next(line.split()[-1] for line in lines if line.strip().startswith("reserved"))
     advice = [line for line in lines if line.startswith("does not fit")]
-    assert advice == [f"does not fit: {reserved} GiB reserved per GPU > 79 GiB; it fits with more GPUs: dp_shard 2 "
-                      "(world size 16)"]
-    # nothing fits at any seq_len in the table: "-" and its legend, not "0K"
-    assert lines[-2].split() == ["local", "(cp", "1)", "-", "-", "-"]  # tp 8: no tiled-MLP column
-    assert lines[-1] == "  -: does not fit even at the shortest seq_len tried, 16,384 (2 x cp x tp x 1024)"
+    # Only CPU offload, the last memory option, fits on 8 GPUs: the line says what it costs the host.
+    host = re.search(r"CPU offload \(training.enable_cpu_offload: ([0-9.]+) GiB of host memory per rank\)", advice[0])
+    assert advice == [f"does not fit: {reserved} GiB reserved per GPU > 79 GiB; it fits with full AC + offload "
+                      f"+ CPU offload (training.enable_cpu_offload: {host[1]} GiB of host memory per rank), or more "
+                      "GPUs: dp_shard 2 (world size 16)"]
+    # at least the fp32 shard, gradient and AdamW states: 16 B per parameter over 8 ranks
+    assert float(host[1]) > 16 * param_counts(FLAVORS["70B"])[0] / 8 / GIB
+    # The seq_len tables of both cards; on the H100 nothing fits without CPU offload: "-", not "0K".
+    h100 = lines.index(next(line for line in lines if line.startswith("[H100 80GB] longest seq_len within 79 GiB")))
+    assert lines[h100 + 1].split() == ["no", "AC", "full", "AC", "+", "offload", "+", "CPU", "offload"]  # tp 8
+    assert lines[h100 + 2].split()[:6] == ["local", "(cp", "1)", "-", "-", "-"]
+    assert lines[h100 + 3] == "  -: does not fit even at the shortest seq_len tried, 16,384 (2 x cp x tp x 1024)"
+    assert lines[h100 + 4].startswith("[H200 141GB] longest seq_len within 139 GiB per GPU")
     assert "0K" not in out
 
     code, out, _ = cli(capsys, "--config", "llama3_70b.toml", "--world_size", "16")

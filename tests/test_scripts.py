@@ -27,6 +27,12 @@ def test_benchmarks_and_summary(tmp_path: Path) -> None:
            "--job.dump_folder", str(tmp_path / "dump"))
     ours = json.loads((out / "ours_s8192.json").read_text())
     assert ours["tok_s"] > 0 and ours["step_s"] > 0 and ours["device"] == "cpu"
+    for ablate in ("eager_loss", "host_syncs"):  # gpu_check.sh's ablations without a config key
+        script("scripts/bench_train.py", "--steps", "1", "--warmup", "0", "--ablate", ablate, "--out",
+               str(out / f"ablate_{ablate}.json"), "--job.dump_folder", str(tmp_path / "dump"))
+    (out / "anchor_s8192").mkdir()  # what the anchor writes there
+    (out / "anchor_s8192" / "anchor_torchtitan.json").write_text(json.dumps(
+        {"tt_compiled_tok_s": ours["tok_s"] // 2, "tt_compiled_peak_gib": 1.0}))
 
     script("scripts/bench_cp_attention.py", "--small", "--cpu", "--out", str(out / "cp_attention.json"))
     assert json.loads((out / "cp_attention.json").read_text())["ring"]
@@ -47,5 +53,9 @@ def test_benchmarks_and_summary(tmp_path: Path) -> None:
     assert "parity allgather torch.bfloat16 documents=True | ok (out 4.0e-03, dq 5.0e-03" in summary
     assert "parity local torch.float32 documents=True | FAILED (RuntimeError('x'))" in summary
     assert f"{ours['tok_s']:,} tok/s" in summary
+    ratio = ours["tok_s"] / (ours["tok_s"] // 2)
+    assert f"| ratio ours / TorchTitan, S=8192, no AC (same call) | {ratio:.3f} |" in summary
+    assert "train S=8192, eager cross-entropy (undoing one change)" in summary
+    assert "train S=8192, three extra host syncs per step (undoing one change)" in summary
     assert "ring attention" in summary and "document BlockMask S=512" in summary
     assert "parity: FAILED | RuntimeError: no kernel" in summary

@@ -108,6 +108,8 @@ class Training:
     """Gradient reduce dtype: float32 | bfloat16."""
     skip_nonfinite_loss: bool = False
     """Skip an optimizer step whose loss or gradient norm is NaN/inf instead of stopping the run."""
+    enable_cpu_offload: bool = False
+    """FSDP2 CPU offload: sharded parameters, gradients and AdamW states in host memory; the optimizer steps on the CPU."""  # noqa: E501
 
     @property
     def document_masks(self) -> bool:

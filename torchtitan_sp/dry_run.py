@@ -13,7 +13,7 @@ import torch
 
 from torchtitan_sp.config import Config
 from torchtitan_sp.memory_model import Setup, param_counts
-from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, breakdown_text, fit_advice, max_seq_table
+from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, report
 from torchtitan_sp.models.llama3 import Transformer, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.ac import apply_ac
@@ -82,7 +82,4 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
         assumed += ("; no GPU here: a run on this machine computes in fp32 on CPU, estimated by `python -m "
                     f"torchtitan_sp.estimate --device cpu --world_size {dims.world_size}` with the same arguments")
     print(assumed)
-    print(breakdown_text(s, accum))
-    if advice := fit_advice(s, DEFAULT_GPU_MEM_GIB, accum, p.fsdp_reshard_after_forward):
-        print(advice)
-    print(max_seq_table(s, DEFAULT_GPU_MEM_GIB, accum))
+    print(report(s, accum, p.fsdp_reshard_after_forward, dims.world_size))

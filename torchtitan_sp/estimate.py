@@ -14,16 +14,18 @@ from typing import Any
 
 from torchtitan_sp.config import Config, ConfigError, load_config
 from torchtitan_sp.memory_model import Setup, param_counts
-from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, breakdown_text, fit_advice, max_seq_table
+from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, GPU_MEM_GIB, report
 from torchtitan_sp.rules import validate
 
 DEFAULT_WORLD_SIZE = 8  # one node, when neither the recipe's degrees nor WORLD_SIZE give it
 USAGE = f"""usage: python -m torchtitan_sp.estimate [--config NAME.toml] [--section.key value ...]
-                                       [--world_size N] [--gpu_mem_gib G] [--device cuda|cpu]
-  --world_size N   ranks of the run (default: the recipe's degrees; with data_parallel_shard_degree = -1
-                   WORLD_SIZE, else {DEFAULT_WORLD_SIZE})
-  --gpu_mem_gib G  GiB per GPU for the fit check and the seq_len table (default {DEFAULT_GPU_MEM_GIB:g}: an 80 GB H100)
-  --device D       cuda: compute in training.mixed_precision_param (default); cpu: fp32, as the trainer on CPU
+                                       [--world_size N] [--gpu_mem_gib G] [--host_mem_gib H] [--device cuda|cpu]
+  --world_size N    ranks of the run (default: the recipe's degrees; with data_parallel_shard_degree = -1
+                    WORLD_SIZE, else {DEFAULT_WORLD_SIZE})
+  --gpu_mem_gib G   GiB per GPU for the fit check and the seq_len table (default: the fit check for an
+                    80 GB H100 ({DEFAULT_GPU_MEM_GIB:g} GiB), tables for {' and '.join(GPU_MEM_GIB)})
+  --host_mem_gib H  host RAM per node for what offloading keeps there (default: this machine's)
+  --device D        cuda: compute in training.mixed_precision_param (default); cpu: fp32, as the trainer on CPU
 config keys (--section.key value): ./run_train.sh --help"""
 
 
@@ -38,7 +40,7 @@ def default_world_size(cfg: Config) -> int:
 
 def parse_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The estimator's own options, and the rest of argv for load_config; ConfigError on a bad one."""
-    opts: dict[str, Any] = {"world_size": None, "gpu_mem_gib": DEFAULT_GPU_MEM_GIB, "device": "cuda"}
+    opts: dict[str, Any] = {"world_size": None, "gpu_mem_gib": None, "host_mem_gib": None, "device": "cuda"}
     rest, i = [], 0
     while i < len(argv):
         name, eq, val = argv[i].partition("=")
@@ -49,7 +51,7 @@ def parse_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
             continue
         if key not in opts:  # load_config would only say "options are --section.key"
             raise ConfigError(f"{name}: unknown option; the estimator's are --world_size N, --gpu_mem_gib G, "
-                              "--device cuda|cpu (--help), config keys are --section.key value")
+                              "--host_mem_gib H, --device cuda|cpu (--help), config keys are --section.key value")
         if not eq:
             if i + 1 == len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"{name}: needs a value")
@@ -70,7 +72,8 @@ def _option_value(key: str, val: str) -> int | float | str:
             return num
     except ValueError:
         pass
-    kind = "integer (ranks of the run)" if key == "world_size" else "number (GiB per GPU)"
+    kind = {"world_size": "integer (ranks of the run)", "gpu_mem_gib": "number (GiB per GPU)",
+            "host_mem_gib": "number (GiB of host RAM per node)"}[key]
     raise ConfigError(f"--{key}: expected a positive {kind}, got {val!r}")
 
 
@@ -106,10 +109,9 @@ def main(argv: list[str] | None = None) -> None:
           f"x local batch {s.batch} -> {s.tokens:,} tokens per rank")
     if note:
         print(note)
-    print(breakdown_text(s, accum))
-    if advice := fit_advice(s, opts["gpu_mem_gib"], accum, cfg.parallelism.fsdp_reshard_after_forward):
-        print(advice)
-    print(max_seq_table(s, opts["gpu_mem_gib"], accum))
+    print(report(s, accum, cfg.parallelism.fsdp_reshard_after_forward, world, opts["gpu_mem_gib"],
+                 opts["host_mem_gib"]))
+
 
 
 if __name__ == "__main__":

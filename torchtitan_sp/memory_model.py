@@ -14,7 +14,8 @@ compute dtype, d / dkv / F = dim / KV width / ffn hidden, tp divides what it sha
   without AC b(6d + 2dkv + 4F) + 4H + small per token and layer (~168 KB for Llama-3-8B in bf16;
   TorchTitan's model, which also keeps fp32 RoPE copies, measured ~0.19 MB). Full AC keeps the block
   input (b d) per layer, and backward recomputes one block at a time. Tiled MLP drops the 4bF
-  feed-forward intermediates to one tile's worth; offload moves the block inputs to host memory.
+  feed-forward intermediates to one tile's worth; offload moves the block inputs to host memory;
+  CPU offload (training.enable_cpu_offload) moves the fp32 shards and the optimizer there.
 - Loss: chunked (loss.py) holds a few fp32 (chunk x vocab) buffers; unchunked, the logits and
   their gradient in fp32 (0.5 MB per token each for Llama 3); compiled, two 16-bit copies instead.
 - Attention: transient buffers of the cp strategy for one layer (gathered or rotated K/V,
@@ -62,6 +63,7 @@ class Setup:
     sac_option: str
     tiles: int
     offload: bool
+    cpu_offload: bool  # FSDP2 keeps the fp32 shards and AdamW's states in host memory
     chunked_loss: bool
     compiled_loss: bool
     loss_parallel: bool  # TP shards the logits over the vocabulary (else every rank holds them all)
@@ -74,21 +76,23 @@ class Setup:
     @classmethod
     def from_config(cls, cfg: Config, dims: ParallelDims, device: str = "cuda") -> "Setup":
         p, ac = cfg.parallelism, cfg.activation_checkpoint
-        return cls(args=model_args(cfg.model.flavor, cfg.model.n_layers), batch=cfg.training.local_batch_size,
+        setup = cls(args=model_args(cfg.model.flavor, cfg.model.n_layers), batch=cfg.training.local_batch_size,
                    seq_len=cfg.training.seq_len, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
                    cp=dims.cp, tp=dims.tp, strategy=p.context_parallel_strategy,
                    rotate_method=p.context_parallel_rotate_method, ulysses=p.context_parallel_ulysses_degree,
                    heads_k_stride=p.heads_k_stride, ac_mode=ac.mode, sac_option=ac.selective_ac_option,
                    tiles=ac.tiled_mlp_shards if dims.tp == 1 else 1,  # validation rejects tiles with tp
                    offload=ac.offload and ac.mode == "full" and device == "cuda",
-                   chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
-                                                model_args(cfg.model.flavor).vocab_size),
+                   cpu_offload=cfg.training.enable_cpu_offload and device == "cuda",
+                   chunked_loss=False,  # set by at_seq_len, as the loss decides per micro-batch
                    compiled_loss=cfg.compile.enable and dims.tp == 1,  # as Trainer chooses its cross-entropy
                    loss_parallel=dims.tp > 1 and not p.disable_loss_parallel,
                    document_masks=cfg.training.document_masks,
-                   reshard=reshard_after_forward(p.fsdp_reshard_after_forward, dims.dp_shard * dims.cp),
+                   reshard=reshard_after_forward(p.fsdp_reshard_after_forward, dims.dp_shard * dims.cp,
+                                                 cfg.training.enable_cpu_offload),
                    b=DTYPE_BYTES[cfg.training.mixed_precision_param] if device == "cuda" else 4,
                    device=device, optimizer=cfg.optimizer.implementation)
+        return at_seq_len(setup, setup.seq_len)
 
     @property
     def tokens(self) -> int:
@@ -98,6 +102,12 @@ class Setup:
     @property
     def fsdp_shard(self) -> int:
         return self.dp_shard * self.cp
+
+
+def at_seq_len(s: Setup, seq_len: int) -> Setup:
+    """`s` at another seq_len; the loss chunks by itself when a micro-batch's logits grow large."""
+    return dataclasses.replace(s, seq_len=seq_len,
+                               chunked_loss=loss_is_chunked(s.batch * seq_len // s.cp, s.args.vocab_size))
 
 
 def param_counts(args: ModelArgs) -> tuple[int, int, int]:
@@ -242,9 +252,16 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
     attn_transient, ffn_transient = (x * T for x in backward_transients(s))
     params = grads = 4 * n / shard
     states = 8 * n / shard
+    foreach_copy = 4 * n / shard if s.optimizer == "foreach" else 0  # the step's temporary
     root = s.b * n_root / t
     # Resharded: two blocks unsharded at a time (current + prefetched); else all of them.
     fsdp = ((2 if s.reshard else a.n_layers) * s.b + s.b + 4) * n_block / t
+    host_states = 0.0
+    if s.cpu_offload:  # the optimizer steps on the host; each block's fp32 shard visits the device
+        # (and is cast there) for its all-gather, the current and the prefetched block
+        host_states = params + grads + states + foreach_copy
+        params = grads = states = foreach_copy = 0.0
+        fsdp += 2 * (4 + s.b) * n_block / shard
     acts = kept + 4 * a.head_dim * T  # + cos/sin (fp32), shared
     cp_buf = attention_buffers(s)
     final = (2 * s.b * a.dim + _norm_saved(s)) * T / t
@@ -274,13 +291,19 @@ def estimate(s: Setup, grad_accum: int = 1) -> dict[str, Any]:
         "top block backward, feed-forward": top + ffn_transient,
         "top block backward, attention": top - ffn_saved + attn_transient + cp_buf,
         "end of backward": params + states + grads + root + 2 * out_grad + 4 * n_root / t,
-        "optimizer step": params + states + grads + (4 * n / shard if s.optimizer == "foreach" else 0),
+        "optimizer step": params + states + grads + foreach_copy,
     }
     phase = max(phases, key=phases.get)
     out["peak"], out["peak phase"], out["phases"] = phases[phase], phase, phases
     out["reserved"] = out["peak"] * (1 + ALLOCATOR_SLACK) + (CUDA_CONTEXT_GIB * GIB if s.device == "cuda" else 0)
     out["host memory (offloaded block inputs)"] = host
+    out["host memory (parameters, gradients, optimizer states)"] = host_states
     return out
+
+
+def host_bytes(est: dict[str, Any]) -> float:
+    """Host memory one rank of the run holds (offloaded block inputs, CPU-offloaded states)."""
+    return sum(v for k, v in est.items() if k.startswith("host memory"))
 
 
 def fits(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> bool:
@@ -296,9 +319,9 @@ def max_seq_len(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> int:
     """Longest seq_len (a multiple of seq_len_step) whose estimate fits; 0 if none does."""
     step = seq_len_step(s)
     lo, hi = 0, 1
-    while fits(dataclasses.replace(s, seq_len=hi * step), gpu_mem_gib, grad_accum) and hi < 2**20:
+    while fits(at_seq_len(s, hi * step), gpu_mem_gib, grad_accum) and hi < 2**20:
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # estimate() grows with seq_len: bisect
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(dataclasses.replace(s, seq_len=mid * step), gpu_mem_gib, grad_accum) else (lo, mid)
+        lo, hi = (mid, hi) if fits(at_seq_len(s, mid * step), gpu_mem_gib, grad_accum) else (lo, mid)
     return lo * step

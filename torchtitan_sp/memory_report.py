@@ -5,6 +5,7 @@ that fits for each CP strategy and memory option (the arithmetic is memory_model
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from torchtitan_sp.attention import GATHERED_FOR_DOCUMENTS, check_cp_attention
 from torchtitan_sp.loss import loss_chunk_tokens
@@ -15,6 +16,7 @@ from torchtitan_sp.memory_model import (
     Setup,
     estimate,
     fits,
+    host_bytes,
     loss_bytes,
     max_seq_len,
     seq_len_step,
@@ -22,6 +24,9 @@ from torchtitan_sp.memory_model import (
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 
 DEFAULT_GPU_MEM_GIB = 79.0  # an "80 GB" H100 has 79.1 GiB
+# The cards whose seq_len tables the estimator prints by default: GiB torch can use on each.
+GPU_MEM_GIB = {"H100 80GB": DEFAULT_GPU_MEM_GIB, "H200 141GB": 139.0}
+GPUS_PER_NODE = 8  # ranks sharing one host's memory, when the world size is larger
 
 
 def _gib(x: float) -> str:
@@ -46,7 +51,7 @@ def describe(s: Setup) -> str:
                                       if s.strategy in GATHERED_FOR_DOCUMENTS else "")
     ac = s.ac_mode + (f" {s.sac_option}" if s.ac_mode == "selective" else "")
     return (f"compute {'bf16' if s.b == 2 else 'fp32'}, AC {ac}, tiled MLP {s.tiles if s.tiles > 1 else 'off'}, "
-            f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}")
+            f"offload {'on' if s.offload else 'off'}, loss {loss}{cp}" + ", CPU offload" * s.cpu_offload)
 
 
 def breakdown_text(s: Setup, grad_accum: int = 1) -> str:
@@ -54,7 +59,7 @@ def breakdown_text(s: Setup, grad_accum: int = 1) -> str:
     est = estimate(s, grad_accum)
     lines = [f"estimated memory per GPU (GiB), {describe(s)}:"]
     for key, val in est.items():
-        if key in ("peak", "peak phase", "phases", "reserved", "host memory (offloaded block inputs)"):
+        if key in ("peak", "peak phase", "phases", "reserved") or key.startswith("host memory"):
             continue
         lines.append(f"  {key:<54}{_gib(val)}")
     lines.append(f"  {'peak of live tensors (' + est['peak phase'] + ')':<54}{_gib(est['peak'])}")
@@ -63,6 +68,9 @@ def breakdown_text(s: Setup, grad_accum: int = 1) -> str:
     if s.offload:
         host = est["host memory (offloaded block inputs)"]
         lines.append(f"  {'host memory: offloaded block inputs (pinned)':<54}{_gib(host)}")
+    if s.cpu_offload:
+        host = est["host memory (parameters, gradients, optimizer states)"]
+        lines.append(f"  {'host memory: fp32 shards, gradients, AdamW states':<54}{_gib(host)}")
     if s.chunked_loss:
         plain = estimate(dataclasses.replace(s, chunked_loss=False), grad_accum)
         lines.append(f"  (without the chunked loss: {plain['reserved'] / GIB:.2f} GiB, "
@@ -90,14 +98,17 @@ def cp_strategies(s: Setup) -> list[Setup]:
 
 
 def memory_options(s: Setup, default_tiles: int = 8) -> dict[str, Setup]:
-    """Columns of the max-seq table: AC none / full / full + tiled MLP / + offload (each column adds
-    to the one before). No tiled MLP column under TP, which does not combine with it."""
+    """Columns of the max-seq table: AC none / full / full + tiled MLP / + offload / + CPU offload
+    (each column adds to the one before; the offloads on GPUs only). No tiled MLP column under TP,
+    which does not combine with it."""
     tiles = s.tiles if s.tiles > 1 else default_tiles
-    full = dataclasses.replace(s, ac_mode="full", tiles=1, offload=False)
+    full = dataclasses.replace(s, ac_mode="full", tiles=1, offload=False, cpu_offload=False)
     cols = {"no AC": dataclasses.replace(full, ac_mode="none"), "full AC": full}
     if s.tp == 1:
         full = cols[f"+ tiled MLP {tiles}"] = dataclasses.replace(full, tiles=tiles)
-    cols["+ offload"] = dataclasses.replace(full, offload=s.device == "cuda")
+    if s.device == "cuda":
+        full = cols["+ offload"] = dataclasses.replace(full, offload=True)
+        cols["+ CPU offload"] = dataclasses.replace(full, cpu_offload=True)
     return cols
 
 
@@ -110,8 +121,9 @@ def max_seq_table(s: Setup, gpu_mem_gib: float, grad_accum: int = 1) -> str:
     none_fit = False
     for row in rows:
         name = "local (cp 1)" if s.cp == 1 else cp_label(row)
-        vals = [max_seq_len(dataclasses.replace(row, ac_mode=c.ac_mode, tiles=c.tiles, offload=c.offload),
-                            gpu_mem_gib, grad_accum) for c in cols.values()]
+        vals = [max_seq_len(dataclasses.replace(row, ac_mode=c.ac_mode, tiles=c.tiles, offload=c.offload,
+                                                cpu_offload=c.cpu_offload), gpu_mem_gib, grad_accum)
+                for c in cols.values()]
         none_fit |= 0 in vals
         lines.append(f"  {name:<28}" + "".join(f"{_tokens(v) if v else '-':>18}" for v in vals))
     if none_fit:
@@ -132,8 +144,12 @@ def fit_advice(s: Setup, gpu_mem_gib: float, grad_accum: int, reshard_policy: st
     first = next((i for i in range(1, len(names)) if fits(options[names[i]], gpu_mem_gib, grad_accum)), None)
     if first:
         fixes.append(" ".join(names[1:first + 1]))
+        if options[names[first]].cpu_offload:  # the last resort: say what it asks of the host
+            host = host_bytes(estimate(options[names[first]], grad_accum))
+            fixes[-1] += f" (training.enable_cpu_offload: {host / GIB:.1f} GiB of host memory per rank)"
     for k in (s.dp_shard * 2**j for j in range(1, 11)):  # FSDP shards the fp32 states over dp_shard x cp
-        more = dataclasses.replace(s, dp_shard=k, reshard=reshard_after_forward(reshard_policy, k * s.cp))
+        more = dataclasses.replace(s, dp_shard=k, reshard=reshard_after_forward(reshard_policy, k * s.cp,
+                                                                                     s.cpu_offload))
         if fits(more, gpu_mem_gib, grad_accum):
             fixes.append(f"more GPUs: dp_shard {k} (world size {s.dp_replicate * k * s.cp * s.tp})")
             break
@@ -141,6 +157,41 @@ def fit_advice(s: Setup, gpu_mem_gib: float, grad_accum: int, reshard_policy: st
         fixes.append(f"seq_len {longest:,}")
     line = f"does not fit: {reserved / GIB:.2f} GiB reserved per GPU > {gpu_mem_gib:g} GiB"
     if not fixes:
-        return line + ("; neither full AC, tiled MLP, offload, up to 1024x the GPUs (dp_shard) nor a shorter "
-                       "seq_len makes it fit")
+        return line + ("; neither full AC, tiled MLP, offload, CPU offload, up to 1024x the GPUs (dp_shard) nor a "
+                       "shorter seq_len makes it fit")
     return line + "; it fits with " + ", or ".join(fixes)
+
+
+def host_mem_gib() -> float:
+    """This machine's RAM in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def host_advice(s: Setup, host_mem_gib: float, world_size: int, grad_accum: int = 1) -> str | None:
+    """One line on the host memory the run's ranks on one node hold (offloaded block inputs and
+    CPU-offloaded states), against host_mem_gib; None when nothing is offloaded."""
+    per_rank = host_bytes(estimate(s, grad_accum))
+    if not per_rank:
+        return None
+    ranks = min(world_size, GPUS_PER_NODE)
+    total = per_rank * ranks
+    line = (f"host memory per node: {ranks} rank{'s' * (ranks > 1)} x {per_rank / GIB:.2f} GiB = "
+            f"{total / GIB:.2f} GiB of {host_mem_gib:.1f} GiB")
+    if total <= host_mem_gib * GIB:
+        return line
+    return line + ": does not fit the host; shard the states over more nodes (dp_shard) or offload less"
+
+
+def report(s: Setup, grad_accum: int, reshard_policy: str, world_size: int, gpu_mem_gib: float | None = None,
+           host_mem: float | None = None) -> str:
+    """What the estimator CLI and the dry run print: the breakdown, whether it fits the GPU
+    (default: an H100) and the host (default: this machine's RAM), and the longest seq_len tables
+    for gpu_mem_gib, else for each card of GPU_MEM_GIB."""
+    lines = [breakdown_text(s, grad_accum)]
+    if advice := fit_advice(s, gpu_mem_gib or DEFAULT_GPU_MEM_GIB, grad_accum, reshard_policy):
+        lines.append(advice)
+    if host := host_advice(s, host_mem or host_mem_gib(), world_size, grad_accum):
+        lines.append(host + ("" if host_mem else " (this machine's RAM; --host_mem_gib for the GPU hosts')"))
+    for card, gib in ({f"{gpu_mem_gib:g} GiB": gpu_mem_gib} if gpu_mem_gib else GPU_MEM_GIB).items():
+        lines.append(f"[{card}] " + max_seq_table(s, gib, grad_accum))
+    return "\n".join(lines)

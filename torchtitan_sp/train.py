@@ -33,6 +33,7 @@ from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.memory_model import GIB, Setup, estimate
+from torchtitan_sp.memory_report import host_advice, host_mem_gib
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
@@ -108,7 +109,9 @@ class Trainer:
         # On CPU compute in fp32 (bf16 matmuls there are slow and inexact); on GPU as configured.
         self.param_dtype = cfg.training.mixed_precision_param if self.device.type == "cuda" else "float32"
         self.applied = parallelize_llama(model, self.meshes, cfg, self.param_dtype)
-        model.to_empty(device=self.device)
+        # The sharded fp32 weights live where the optimizer steps: on the host under CPU offload.
+        self.param_device = torch.device("cpu") if cfg.training.enable_cpu_offload else self.device
+        model.to_empty(device=self.param_device)
         init_weights(model, cfg.debug.seed)
         model.train()
         self.model = model
@@ -174,8 +177,9 @@ class Trainer:
 
     def _memory_summary(self) -> None:
         """The estimator's peak for this run (python -m torchtitan_sp.estimate prints the breakdown),
-        and a warning when it will not fit the GPU."""
-        est = estimate(Setup.from_config(self.cfg, self.dims, self.device.type), self.grad_accum)
+        and a warning when it will not fit the GPU or the host."""
+        setup = Setup.from_config(self.cfg, self.dims, self.device.type)
+        est = estimate(setup, self.grad_accum)
         line = f"estimated peak memory per rank {est['peak'] / GIB:.2f} GiB ({est['peak phase']})"
         if self.device.type != "cuda":
             logger.info(line)
@@ -185,6 +189,9 @@ class Trainer:
         if est["reserved"] > total:
             logger.warning(f"the estimate exceeds this GPU's {total / GIB:.1f} GiB: expect out-of-memory; "
                            "`python -m torchtitan_sp.estimate` with this run's arguments lists what fits")
+        # Offloaded block inputs and CPU-offloaded states share the node's RAM.
+        if host := host_advice(setup, host_mem_gib(), self.dims.world_size, self.grad_accum):
+            (logger.warning if "does not fit" in host else logger.info)(host)
 
     def _save_run_config(self) -> None:
         """<dump_folder>/config.json: the resolved configuration (recipe + overrides) and where it ran,
@@ -278,11 +285,12 @@ class Trainer:
         return [p for p in self.model.parameters() if p.grad is not None]
 
     def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients, a plain fp32 tensor on this rank's device."""
+        """Global L2 norm of all gradients, a plain fp32 tensor on this rank's device (the gradients
+        are on the host under CPU offload)."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in self._params_with_grad()], foreach=True)
         if isinstance(norm, DTensor):  # partial over the FSDP (and TP) mesh
             norm = norm.full_tensor()
-        return norm.float()
+        return norm.float().to(self.device)
 
     def _clip_and_step(self, norm: torch.Tensor) -> None:
         """foreach / for-loop AdamW: scale the gradients to max_norm first, then step."""
@@ -298,8 +306,10 @@ class Trainer:
         (torch.optim.AdamW reads these attributes for GradScaler; they are not a documented API.)"""
         max_norm = self.cfg.training.max_norm
         # clip_grads_with_norm_ multiplies by min(max_norm / (norm + 1e-6), 1): divide by the inverse.
-        self.optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
-        self.optimizer.found_inf = (~finite).float()
+        scale = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
+        # The kernel wants them beside the parameters (on the host under CPU offload).
+        self.optimizer.grad_scale = None if scale is None else scale.to(self.param_device)
+        self.optimizer.found_inf = (~finite).float().to(self.param_device)
         self.optimizer.step()
 
     # ---- the loop -----------------------------------------------------------------------

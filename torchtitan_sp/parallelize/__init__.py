@@ -43,7 +43,9 @@ def parallelize_llama(model: Transformer, meshes: dict[str, DeviceMesh], cfg: Co
     if cfg.compile.enable:
         apply_compile(model)
         applied.append("compile")
-    apply_fsdp(model, meshes, param_dtype, cfg.training.mixed_precision_reduce, p.fsdp_reshard_after_forward)
+    offload = cfg.training.enable_cpu_offload
+    apply_fsdp(model, meshes, param_dtype, cfg.training.mixed_precision_reduce, p.fsdp_reshard_after_forward, offload)
     applied.append(f"FSDP2 {meshes['dp_shard_cp'].size()}" + (f" x HSDP {meshes['dp_replicate'].size()}"
-                                                            if meshes["dp_replicate"].size() > 1 else ""))
+                                                            if meshes["dp_replicate"].size() > 1 else "")
+                   + " (CPU offload)" * offload)
     return applied
