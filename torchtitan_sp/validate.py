@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
+from torchtitan_sp.evaluate import check_evaluation
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -51,6 +52,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
         from torchtitan_sp.checkpoint import check_checkpoint
         check_checkpoint(cfg)
+    check_evaluation(cfg, dims)
     return dims
 
 
