@@ -27,8 +27,16 @@ from torch.distributed.tensor import DTensor, Replicate
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import Config, ConfigError, resolve_repo_path
 from torchtitan_sp.data.synthetic import SyntheticTokens
-from torchtitan_sp.data.text import (Corpus, Cursor, TextDataset, _records, check_file, check_tokenizer_vocab,
-                                     resolve_files, stdlib_files)
+from torchtitan_sp.data.text import (
+    Corpus,
+    Cursor,
+    TextDataset,
+    _records,
+    check_file,
+    check_tokenizer_vocab,
+    resolve_files,
+    stdlib_files,
+)
 from torchtitan_sp.data.tokenizer import Tokenizer
 from torchtitan_sp.loss import loss_chunk_tokens
 from torchtitan_sp.models.llama3 import FLAVORS
