@@ -189,6 +189,11 @@ class Evaluator:
         if self.cfg.passkey.lengths:
             from torchtitan_sp.passkey import PasskeyProbe
             self.passkey = PasskeyProbe(self)
+        v = self.cfg.validation
+        logger.info(f"validation: {v.dataset} {v.dataset_path}".rstrip() + f", seq_len {self.seq_len}, "
+                    f"{'the whole set' if v.steps == -1 else f'{v.steps} batches'} of {v.local_batch_size} per dp "
+                    f"rank, every {v.freq} steps and after the last"
+                    + (f"; passkey lengths {self.cfg.passkey.lengths}" if self.passkey else ""))
 
     def due(self, step: int) -> bool:
         return step % self.cfg.validation.freq == 0 or step == self.cfg.training.steps
@@ -206,6 +211,11 @@ class Evaluator:
         """Evaluate, log under `step`; returns the seconds it took (not training time)."""
         start = time.perf_counter()
         record = self.validate()
+        if not record["val_tokens"]:
+            logger.warning(f"validation step {step}: the held-out set gave no label (a packed set needs more than "
+                           f"validation.seq_len {self.seq_len} tokens); nothing logged")
+            self._free_unsharded_weights()
+            return time.perf_counter() - start
         scalars = {"val/loss": record["val_loss"], "val/ppl": record["val_ppl"],
                    **{f"val/loss_by_position/{int(b):07d}": x for b, x in record["val_loss_by_position"].items()}}
         by_pos = " ".join(f"{b}:{x:.3f}" for b, x in record["val_loss_by_position"].items())

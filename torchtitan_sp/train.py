@@ -292,7 +292,7 @@ class Trainer:
         cfg = self.cfg
         data_iter = iter(self.dataloader)
         first_step = self.step + 1  # > 1 when resumed from a checkpoint
-        if self.step >= cfg.training.steps:
+        if self.step >= cfg.training.steps and not cfg.validation.eval_only:
             logger.warning(f"resumed at step {self.step} >= training.steps {cfg.training.steps}: nothing to train "
                            "(raise training.steps to continue)")
         window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
