@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from tests.dist_utils import run_distributed
 from tests.trainer_utils import read_metrics
@@ -72,11 +73,16 @@ def common(tmp: Path) -> list[str]:
 
 
 def run_all(rank: int, world: int, tmp: str, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
-    """Each run's Trainer in turn on this process group; rank 0 returns each run's metrics rows."""
-    out = {}
+    """Each run's Trainer in turn on this process group; rank 0 returns each run's metrics rows, and
+    under "kept" the runs after which some parameter was left gathered (not FSDP's sharded DTensor)
+    or holding a gradient."""
+    out: dict = {"kept": []}
     for name, argv in runs.items():
         cfg = load_config([*common(Path(tmp)), "--job.dump_folder", f"{tmp}/{name}", *argv])
-        Trainer(cfg, validate(cfg, world)).train()
+        trainer = Trainer(cfg, validate(cfg, world))
+        trainer.train()
+        if any(not isinstance(p, DTensor) or p.grad is not None for p in trainer.model.parameters()):
+            out["kept"].append(name)
         dist.barrier()
         out[name] = read_metrics(cfg.job.dump_folder) if rank == 0 else None
     return out
@@ -173,6 +179,7 @@ def test_parallel_equals_one_process(setup):
     runs["train_off"] = [*train, "--validation.enable", "false"]
     runs["train_on"] = [*train, "--validation.freq", "2", "--validation.steps", "2"]
     got = run_distributed(run_all, 2, str(tmp), runs)[0]
+    assert got["kept"] == [], got["kept"]  # nothing of an evaluation stays in memory
     (want,) = ref["ref"]
     for name in ("ring", "ulysses", "allgather", "usp", "dp2", "tp2"):
         (row,) = got[name]
