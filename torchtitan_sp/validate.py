@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
-from torchtitan_sp.evaluate import check_evaluation
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -52,6 +51,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
         from torchtitan_sp.checkpoint import check_checkpoint
         check_checkpoint(cfg)
+    from torchtitan_sp.evaluate import check_evaluation  # (data and FSDP imports: not for --help)
     check_evaluation(cfg, dims)
     return dims
 
