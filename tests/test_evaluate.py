@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.tensor import DTensor
 
 from tests.dist_utils import run_distributed
@@ -125,7 +126,8 @@ def setup(tmp_path_factory) -> tuple[Path, dict]:
     corpus(tmp)
     passkey_model(tmp / "passkey.pt")
     load = ["--validation.eval_only", "true", "--checkpoint.initial_load_path", str(tmp / "passkey.pt")]
-    ref = run_distributed(run_all, 1, str(tmp), {"ref": load, "random": ["--validation.eval_only", "true"]})[0]
+    ref = run_distributed(run_all, 1, str(tmp), {"ref": [*load, "--metrics.enable_tensorboard", "true"],
+                                                 "random": ["--validation.eval_only", "true"]})[0]
     return tmp, ref
 
 
@@ -147,6 +149,10 @@ def test_reference_and_passkey(setup):
     saved = json.loads((tmp / "ref/passkey/passkey.json").read_text())
     assert saved["accuracy"] == row["passkey_accuracy"] and saved["step"] == 0
     check_png((tmp / "ref/passkey/passkey.png").read_bytes())
+    events = EventAccumulator(str(tmp / "ref/tb"), size_guidance={"images": 1})
+    events.Reload()
+    assert {"val/loss", "val/ppl", "val/loss_by_position/0000128"} <= set(events.Tags()["scalars"])
+    assert events.Images("val/passkey")[0].encoded_image_string == (tmp / "ref/passkey/passkey.png").read_bytes()
 
 
 def check_png(png: bytes) -> None:
