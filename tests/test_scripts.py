@@ -34,6 +34,11 @@ def test_benchmarks_and_summary(tmp_path: Path) -> None:
     (out / "anchor_s8192" / "anchor_torchtitan.json").write_text(json.dumps(
         {"tt_compiled_tok_s": ours["tok_s"] // 2, "tt_compiled_peak_gib": 1.0}))
 
+    script("scripts/bench_eval.py", "--steps", "1", "--warmup", "1", "--out", str(out / "eval.json"),
+           "--job.dump_folder", str(tmp_path / "dump_eval"))
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["val_tok_s"] > 0 and ev["train_tok_s"] > 0 and ev["device"] == "cpu"
+
     script("scripts/bench_cp_attention.py", "--small", "--cpu", "--out", str(out / "cp_attention.json"))
     assert json.loads((out / "cp_attention.json").read_text())["ring"]
 

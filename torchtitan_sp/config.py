@@ -211,6 +211,38 @@ class Comm:
 
 
 @dataclass
+class Validation:
+    enable: bool = False
+    """Evaluate a held-out loss (forward only, on the training mesh) every `freq` steps and after the last."""
+    dataset: str = "files"
+    """Held-out data: files (validation.dataset_path) | stdlib | synthetic (a stream seeded apart from training's)."""
+    dataset_path: str = ""
+    """File, folder or glob of held-out documents (the formats of training.dataset_path)."""
+    freq: int = 500
+    """Evaluate every N training steps (and after the last step)."""
+    steps: int = -1
+    """Batches per evaluation; -1 = the whole set (one pass over its documents; not with synthetic)."""
+    seq_len: int = 0
+    """Tokens per validation sequence (0 = training.seq_len); packed like training."""
+    local_batch_size: int = 1
+    """Sequences per data-parallel rank per validation forward (also the passkey batch)."""
+    eval_only: bool = False
+    """Evaluate the starting weights (init, a resumed checkpoint or checkpoint.initial_load_path) and exit."""
+
+
+@dataclass
+class Passkey:
+    lengths: str = ""
+    """Passkey haystack lengths in tokens, comma-separated (empty = no passkey probe); runs with validation."""
+    depths: str = "0,0.25,0.5,0.75,1"
+    """Where the key sits in the haystack, comma-separated fractions in 0..1."""
+    trials: int = 4
+    """Haystacks per (length, depth) cell, each with its own random key."""
+    digits: int = 5
+    """Digits of the random key."""
+
+
+@dataclass
 class Debug:
     seed: int = 0
     """Seed for model init and data."""
@@ -231,6 +263,8 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     comm: Comm = field(default_factory=Comm)
+    validation: Validation = field(default_factory=Validation)
+    passkey: Passkey = field(default_factory=Passkey)
     debug: Debug = field(default_factory=Debug)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -253,6 +287,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "checkpoint.async_mode": ("disabled", "async"),
+    "validation.dataset": ("files", "stdlib", "synthetic"),
 }
 
 
@@ -297,6 +332,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = ",".join(str(v) for v in value)  # a TOML list of numbers for a comma-separated key
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     value = str(value)

@@ -73,6 +73,24 @@ class MetricsLogger:
             self.writer.flush()
         logger.info(self._line(step, m))
 
+    def log_record(self, step: int, record: dict[str, Any], scalars: dict[str, float], line: str,
+                   images: dict[str, bytes] | None = None) -> None:
+        """A row of other metrics (validation): `record` to metrics.jsonl, `scalars` and PNG `images`
+        (encoded bytes) to TensorBoard under their tags, `line` to the console."""
+        if not self.active:
+            return
+        if self.jsonl is None:
+            self._open()
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for tag, v in scalars.items():
+                self.writer.add_scalar(tag, v, step)
+            for tag, png in (images or {}).items():
+                self.writer._get_file_writer().add_summary(_png_summary(tag, png), step)
+            self.writer.flush()
+        logger.info(line)
+
     def _line(self, step: int, m: dict[str, Any]) -> str:
         c = (lambda code, s: f"\033[{code}m{s}\033[0m") if self.color else (lambda code, s: s)
         parts = [c("31", f"step {step:>5}"), c("36", f"loss {m['loss']:8.4f}"),
@@ -92,3 +110,11 @@ class MetricsLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _png_summary(tag: str, png: bytes) -> Any:
+    """A TensorBoard image summary of an encoded PNG (add_image wants decoded pixels)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # IHDR
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    return Summary(value=[Summary.Value(tag=tag, image=image)])

@@ -3,7 +3,7 @@
 Single-key values are checked when the config is loaded (config.py); here, every rule across keys
 and against the world size. Each component keeps its own check next to the code it mirrors
 (parallel_dims, attention.check_cp_attention, data.text.check_data_config,
-checkpoint_files.check_checkpoint); `validate` calls them in order. Used by the launcher's
+checkpoint_files.check_checkpoint, evaluate.check_evaluation); `validate` calls them in order. Used by the launcher's
 check (validate.py), the trainer, the dry run and the estimator.
 """
 
@@ -20,6 +20,7 @@ from torchtitan_sp.attention import check_cp_attention
 from torchtitan_sp.checkpoint_files import check_checkpoint
 from torchtitan_sp.config import Config, ConfigError, load_config, resolve_repo_path
 from torchtitan_sp.data.text import check_data_config
+from torchtitan_sp.evaluate import check_evaluation
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.parallel_dims import ParallelDims
 
@@ -53,6 +54,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
         check_checkpoint(cfg)
+    check_evaluation(cfg, dims)
     return dims
 
 

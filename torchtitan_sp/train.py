@@ -31,6 +31,7 @@ from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
 from torchtitan_sp.checkpoint import CheckpointManager, TrainState
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
+from torchtitan_sp.evaluate import Evaluator
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.memory_model import GIB, Setup, estimate
 from torchtitan_sp.memory_report import host_advice, host_mem_gib
@@ -142,6 +143,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
+        self.evaluator = Evaluator(self) if cfg.validation.enable else None
 
     # The loop's counters live in the train state that the checkpoint saves and restores.
     @property
@@ -318,13 +320,16 @@ class Trainer:
         cfg = self.cfg
         data_iter = iter(self.dataloader)
         first_step = self.step + 1  # > 1 when resumed from a checkpoint
-        if self.step >= cfg.training.steps:
+        if self.step >= cfg.training.steps and not cfg.validation.eval_only:
             logger.warning(f"resumed at step {self.step} >= training.steps {cfg.training.steps}: nothing to train "
                            "(raise training.steps to continue)")
         window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
+            if self.evaluator is not None and cfg.validation.eval_only:
+                self.evaluator.run_eval_only()
+                return
             while self.step < cfg.training.steps:
                 t0 = time.perf_counter()
                 micro_batches = [next(data_iter) for _ in range(self.grad_accum)]
@@ -341,6 +346,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     self._log(out, elapsed, data_time, window_steps)
                     window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+                if self.evaluator is not None and self.evaluator.due(self.step):
+                    window_start += self.evaluator.run(self.step)  # not training time
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
         finally:

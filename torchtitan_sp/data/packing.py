@@ -15,6 +15,13 @@ import torch
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 
 
+def empty_batch(seq_len: int) -> dict[str, torch.Tensor]:
+    """A sample with no valid label: what a rank whose data ended runs while others still have some."""
+    zeros = torch.zeros(1, seq_len, dtype=torch.long)
+    return {"tokens": zeros, "labels": torch.full_like(zeros, IGNORE_INDEX),
+            "positions": torch.arange(seq_len)[None], "document_ids": zeros}
+
+
 def window_sample(window: list[int], runs: list[int]) -> dict[str, torch.Tensor]:
     """A packed sample from seq_len + 1 stream tokens; `runs` are the lengths of the document
     pieces in the window. Positions restart at 0 where each piece starts, so a document continued
