@@ -297,7 +297,7 @@ def test_parquet(tmp_path: Path) -> None:
     resumed = ds.corpus.documents(Cursor(0, 0, 4, 4))  # starts inside the second row group
     assert [next(resumed)[1] for _ in range(3)] == ["r4", "r5", "r6"]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match='bad.parquet: no "text" column'):
+    with pytest.raises(ValueError, match='bad.parquet: no "text" or "input_ids" column'):
         build_text_dataset(files_config(tmp_path / "bad.parquet"), 0, 1)
 
 

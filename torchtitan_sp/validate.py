@@ -43,9 +43,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
             raise ConfigError(f"training.mixed_precision_param: float32 on GPUs does not combine with "
                               f"context_parallel_strategy {p.context_parallel_strategy!r} (its cuDNN/flash block "
                               "kernels take bfloat16 only); use bfloat16, or the ulysses strategy")
-    if cfg.training.dataset != "synthetic":
-        from torchtitan_sp.data.text import check_data_config
-        check_data_config(cfg, dims.dp)
+    from torchtitan_sp.data.sources import check_data_config
+    check_data_config(cfg, dims.dp)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
