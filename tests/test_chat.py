@@ -210,6 +210,18 @@ def train_runs(rank: int, world: int, runs: list[list[str]]) -> list[list[dict] 
     return [train(rank, world, argv) for argv in runs]
 
 
+def train_here(monkeypatch, runs: list[list[str]]) -> list[list[dict]]:
+    """Trainings in this process, on a process group of one (no process start: seconds, not ten)."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, value)
+    try:
+        return train_runs(0, 1, runs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_prompt_masking_is_what_makes_the_reply_learnable(tmp_path: Path, monkeypatch) -> None:
     """User turns of 40 random letters, one constant reply: with prompts masked only the reply is a
     label and the loss falls near zero within 15 steps; trained on the prompt too it cannot fall
@@ -219,16 +231,56 @@ def test_prompt_masking_is_what_makes_the_reply_learnable(tmp_path: Path, monkey
     common = ["--training.dataset", "chat", "--training.dataset_path", str(corpus), "--training.seq_len", "128",
               "--training.local_batch_size", "1", "--training.steps", "15", "--optimizer.lr", "1e-2",
               "--lr_scheduler.decay_type", "none"]
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        monkeypatch.setenv(key, value)
-    try:
-        masked, unmasked = train_runs(0, 1, [tiny_args(tmp_path / "masked", *common),
-                                             tiny_args(tmp_path / "all", *common, "--training.train_on_prompt", "true")])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    masked, unmasked = train_here(monkeypatch, [tiny_args(tmp_path / "masked", *common),
+                                                tiny_args(tmp_path / "all", *common, "--training.train_on_prompt", "true")])
     assert masked[0]["loss"] > 3 and unmasked[0]["loss"] > 3
     assert masked[-1]["loss"] < 0.05, losses(masked)
     assert unmasked[-1]["loss"] > 0.9, losses(unmasked)
     assert masked[-1]["tokens_seen"] * 5 < unmasked[-1]["tokens_seen"]  # ~8 reply labels of ~115 per conversation
+
+
+def uniform_chats(n: int, length: int) -> list[list[dict]]:
+    """n conversations of `length` tokens each (random word salad, filtered by rendered length)."""
+    words = "the of and to in is for on with as by at from this that which be or are".split()
+    rng, tok, out = random.Random(0), Tokenizer(TOKENIZER), []
+    while len(out) < n:
+        c = qa(" ".join(rng.choices(words, k=rng.randint(3, 12))), " ".join(rng.choices(words, k=rng.randint(2, 9))))
+        if len(render(tok, as_pairs(c), False)[0]) == length:
+            out.append(c)
+    return out
+
+
+def test_packed_chat_under_cp_and_dp_equals_one_process(tmp_path: Path, monkeypatch) -> None:
+    """Packed chat (several conversations per window, document masks, prompt masks) trains to the
+    same losses under cp 2 with every strategy as in one process; one window is a conversation cut
+    to seq_len before its reply (no labels at all: it contributes 0, no NaN). dp 2: conversations of
+    one length L, 3 per window (3L <= seq_len < 4L), so that a step of dp 2 x 1 window holds the
+    same conversations as one process's 2 windows, differently grouped: with document masks and
+    per-conversation positions the loss cannot tell. All parallel runs share one 2-process launch."""
+    words = "the of and to in is for on with as by at from this that which be or are".split()
+    rng = random.Random(1)
+    mixed = [qa(" ".join(rng.choices(words, k=rng.randint(2, 40))), " ".join(rng.choices(words, k=rng.randint(1, 30))))
+             for _ in range(40)]
+    mixed[3] = qa("long " * 300, "never seen")
+    varied = write_chats(tmp_path / "varied.jsonl", mixed)
+    uniform = write_chats(tmp_path / "uniform.jsonl", uniform_chats(24, 73))
+    base = ["--training.dataset", "chat", "--training.seq_len", "256", "--training.steps", "3",
+            "--training.truncation", "right"]
+    cp_data = [*base, "--training.dataset_path", str(varied), "--training.local_batch_size", "2"]
+    dp_data = [*base, "--training.dataset_path", str(uniform)]
+    windows = iter(build_dataloader(load_config(tiny_args(tmp_path / "x", *cp_data)), 2048, 0, 1))
+    batches = [next(windows)["labels"] for _ in range(3)]
+    assert sum(int((b == IGNORE_INDEX).all(dim=1).sum()) for b in batches) == 1  # the cut conversation's window
+    ref_cp, ref_dp = train_here(monkeypatch, [tiny_args(tmp_path / "ref-cp", *cp_data),
+                                              tiny_args(tmp_path / "ref-dp", *dp_data, "--training.local_batch_size", "2")])
+    cases = {f"cp2-{s}-u{u}": ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_strategy", s,
+                               "--parallelism.context_parallel_ulysses_degree", str(u)]
+             for s, u in (("ring", 1), ("ulysses", 1), ("usp", 2), ("usp", 1), ("allgather", 1))}
+    runs = [tiny_args(tmp_path / name, *cp_data, *extra) for name, extra in cases.items()]
+    runs.append(tiny_args(tmp_path / "dp2", *dp_data, "--training.local_batch_size", "1"))
+    results = run_distributed(train_runs, 2, runs)[0]
+    for name, metrics in zip(cases, results):
+        assert_close(losses(metrics), losses(ref_cp), 1e-5), name
+        assert [m["tokens_seen"] for m in metrics] == [m["tokens_seen"] for m in ref_cp], name
+    assert_close(losses(results[-1]), losses(ref_dp), 1e-5)
+    assert [m["tokens_seen"] for m in results[-1]] == [m["tokens_seen"] for m in ref_dp]
