@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tests.dist_utils import free_port, run_distributed
 from tests.test_train import assert_close, losses
 from tests.trainer_utils import tiny_args, train
-
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import load_config
 from torchtitan_sp.data import build_dataloader
