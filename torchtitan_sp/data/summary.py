@@ -13,7 +13,7 @@ from torchtitan_sp.data.chat import ChatDataset, render
 from torchtitan_sp.data.sources import SCAN_BYTES, MixtureDataset, Source
 from torchtitan_sp.data.text import Cursor, TextDataset, TokenDoc, records
 
-SAMPLE_DOCS = 64  # documents tokenized to estimate a source's tokens per document
+SAMPLE_DOCS, SAMPLE_TOKENS = 64, 50_000  # tokenized to estimate a source's tokens per document
 
 
 def _tokens(stream: TextDataset | ChatDataset, doc: object) -> int:
@@ -24,18 +24,22 @@ def _tokens(stream: TextDataset | ChatDataset, doc: object) -> int:
     return len(stream.tokenizer.encode(doc, bos=True, eos=True))
 
 
-def _source_line(i: int, source: Source, stream: TextDataset | ChatDataset, run_tokens: int
-                 ) -> tuple[int, str]:
+def _source_line(i: int, source: Source, stream: TextDataset | ChatDataset, run_tokens: int) -> tuple[int, str]:
+    """Files, size, records (a .txt file is one; .jsonl lines are counted, not parsed), tokens
+    estimated from the first documents, and the epochs this run's share of tokens amounts to."""
     corpus = stream.corpus
     size = sum(f.stat().st_size for f in corpus.files)
     name = "stdlib" if corpus.key == "training.dataset" else source.pattern
     line = f"data source {i}: {name} (weight {source.weight:.2f}): {len(corpus.files)} files, {size / 2**20:.1f} MiB"
     if size > SCAN_BYTES:
-        return logging.INFO, line + "; documents not counted (a larger corpus than a start-up scan should read)"
-    full = type(corpus)(corpus.files, corpus.seed, 0, 1, corpus.key, corpus.parse, corpus.columns)
-    docs = sum(1 for path in full.files for where, read in records(path, 0, full.columns)
-               if full.document(path, where, read) is not None)
-    sample = [_tokens(stream, d) for _, d in islice(full.documents(Cursor(0, 0, 0, 0)), min(docs, SAMPLE_DOCS))]
+        return logging.INFO, line + "; documents not counted (more than a start-up scan should read)"
+    docs = sum(1 for path in corpus.files for _ in records(path, 0, corpus.columns))
+    whole = type(corpus)(corpus.files, corpus.seed, 0, 1, corpus.key, corpus.parse, corpus.columns)
+    sample: list[int] = []
+    for _, doc in islice(whole.documents(Cursor(0, 0, 0, 0)), min(docs, SAMPLE_DOCS)):
+        sample.append(_tokens(stream, doc))
+        if sum(sample) > SAMPLE_TOKENS:
+            break
     tokens = docs * sum(sample) / max(len(sample), 1)
     epochs = run_tokens * source.weight / max(tokens, 1)
     line += (f", {docs:,} documents, about {tokens:,.0f} tokens; this run reads about {epochs:.2f} epochs of it "
