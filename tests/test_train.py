@@ -148,15 +148,15 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
         tb.terminate()
         tb.wait(timeout=30)
 
-    # A later run in this folder that fails at its first step (a bad record found while streaming)
-    # leaves this run's metrics.jsonl, TensorBoard events and config.json as they were.
+    # A later run in this folder that fails on a bad record (found by the start-up scan of a small
+    # corpus: exit 2, one line) leaves this run's metrics.jsonl, TensorBoard events and config.json as they were.
     before = {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()}
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n' * 3 + '{"title": "no text"}\n')
     r = subprocess.run([sys.executable, "-m", "torchtitan_sp.train", "--job.dump_folder", str(dump),
                         "--training.dataset", "files", "--training.dataset_path", str(data)],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and 'bad.jsonl line 4: no "text" field' in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and 'bad.jsonl line 4: no "text" field' in r.stderr, r.stdout + r.stderr
     assert {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()} == before
 
 
