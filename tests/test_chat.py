@@ -50,7 +50,8 @@ def hf_tokenizer():
     Llama 3.1's chat template: nothing downloaded."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
-    core = TikTokenConverter(vocab_file=str(TOKENIZER), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS).converted()
+    converter = TikTokenConverter(vocab_file=str(TOKENIZER), pattern=PAT_STR, extra_special_tokens=SPECIAL_TOKENS)
+    core = converter.converted()
     hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     hf.chat_template = LLAMA_3_1_TEMPLATE
     return hf
@@ -230,8 +231,9 @@ def test_prompt_masking_is_what_makes_the_reply_learnable(tmp_path: Path, monkey
     common = ["--training.dataset", "chat", "--training.dataset_path", str(corpus), "--training.seq_len", "128",
               "--training.local_batch_size", "1", "--training.steps", "15", "--optimizer.lr", "1e-2",
               "--lr_scheduler.decay_type", "none"]
+    everything = ["--training.train_on_prompt", "true"]
     masked, unmasked = train_here(monkeypatch, [tiny_args(tmp_path / "masked", *common),
-                                                tiny_args(tmp_path / "all", *common, "--training.train_on_prompt", "true")])
+                                                tiny_args(tmp_path / "all", *common, *everything)])
     assert masked[0]["loss"] > 3 and unmasked[0]["loss"] > 3
     assert masked[-1]["loss"] < 0.05, losses(masked)
     assert unmasked[-1]["loss"] > 0.9, losses(unmasked)
@@ -270,9 +272,10 @@ def test_packed_chat_under_cp_and_dp_equals_one_process(tmp_path: Path, monkeypa
     windows = iter(build_dataloader(load_config(tiny_args(tmp_path / "x", *cp_data)), 2048, 0, 1))
     batches = [next(windows)["labels"] for _ in range(3)]
     assert sum(int((b == IGNORE_INDEX).all(dim=1).sum()) for b in batches) == 1  # the cut conversation's window
-    ref_cp, ref_dp = train_here(monkeypatch, [tiny_args(tmp_path / "ref-cp", *cp_data),
-                                              tiny_args(tmp_path / "ref-dp", *dp_data, "--training.local_batch_size", "2")])
-    cases = {f"cp2-{s}-u{u}": ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_strategy", s,
+    ref_cp, ref_dp = train_here(monkeypatch, [tiny_args(tmp_path / "ref-cp", *cp_data), tiny_args(
+        tmp_path / "ref-dp", *dp_data, "--training.local_batch_size", "2")])
+    cases = {f"cp2-{s}-u{u}": ["--parallelism.context_parallel_degree", "2",
+                               "--parallelism.context_parallel_strategy", s,
                                "--parallelism.context_parallel_ulysses_degree", str(u)]
              for s, u in (("ring", 1), ("ulysses", 1), ("usp", 2), ("usp", 1), ("allgather", 1))}
     runs = [tiny_args(tmp_path / name, *cp_data, *extra) for name, extra in cases.items()]

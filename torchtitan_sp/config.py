@@ -97,9 +97,9 @@ class Training:
     max_norm: float = 1.0
     """Gradient clipping norm (<= 0 disables)."""
     dataset: str = "synthetic"
-    """Data source: synthetic | stdlib (this interpreter's standard-library source) | files | chat (training.dataset_path)."""
+    """Data source: synthetic | stdlib (this interpreter's standard library) | files | chat (training.dataset_path)."""
     dataset_path: str = ""
-    """File, folder or glob of .txt, .jsonl/.json/.parquet ("text", chat: "messages"; or "input_ids"), .npy; mixture: "a/*:0.6,b/*:0.4"."""
+    """File, folder or glob (.txt, .jsonl/.json/.parquet: "text", "messages" or "input_ids"; .npy); mixture "a/*:0.6,b:0.4"."""
     packing: bool = True
     """Pack documents into seq_len windows with per-document positions and a document-causal mask."""
     train_on_prompt: bool = False
