@@ -18,7 +18,7 @@ from tests.test_train import assert_close, losses
 from tests.trainer_utils import tiny_args
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import ConfigError, load_config
-from torchtitan_sp.data import build_dataloader
+from torchtitan_sp.data import build_dataloader, text
 from torchtitan_sp.data.sources import MixtureDataset, build_dataset, check_data_config, parse_sources
 from torchtitan_sp.data.summary import describe_data
 from torchtitan_sp.validate import load_and_validate
@@ -124,9 +124,9 @@ def test_bad_weights(value: str, message: str) -> None:
         parse_sources(value)
 
 
-def test_pre_tokenized_jsonl_and_npy(tmp_path: Path) -> None:
-    """input_ids are used as stored (no BOS/EOS added), labels -100 mask targets; a 1-D .npy is one
-    document, a 2-D one has a document per row."""
+def test_pre_tokenized_jsonl_and_npy(tmp_path: Path, monkeypatch) -> None:
+    """input_ids are used as stored (no BOS/EOS added), labels -100 mask targets; a 1-D .npy is a
+    token stream (documents of NPY_PIECE_TOKENS), a 2-D one has a document per row."""
     (tmp_path / "t.jsonl").write_text(json.dumps({"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}) + "\n"
                                       + json.dumps({"input_ids": [9, 10, 11]}) + "\n")
     ds = build_dataset(config("--training.dataset", "files", "--training.dataset_path", str(tmp_path / "t.jsonl"),
@@ -143,8 +143,15 @@ def test_pre_tokenized_jsonl_and_npy(tmp_path: Path) -> None:
         check_data_config(cfg)
         assert next(iter(build_dataset(cfg, 0, 1)))["tokens"].tolist() == tokens
     np.save(tmp_path / "big.npy", np.array([1, 2, 5000]))
-    with pytest.raises(ValueError, match=r"big.npy row 0: token id 5000 is outside the model's vocabulary \[0, 2048\)"):
+    with pytest.raises(ValueError, match=r"big.npy piece 0: token id 5000 is outside the model's vocabulary \[0, 2048\)"):
         check_data_config(config("--training.dataset", "files", "--training.dataset_path", str(tmp_path / "big.npy")))
+    monkeypatch.setattr(text, "NPY_PIECE_TOKENS", 4)
+    s = next(iter(build_dataset(config("--training.dataset", "files", "--training.dataset_path",
+                                       str(tmp_path / "one.npy"), "--training.seq_len", "6"), 0, 1)))
+    assert s["document_ids"].tolist() == [0, 0, 0, 0, 1, 1] and s["positions"].tolist() == [0, 1, 2, 3, 0, 1]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": qa("q", "a")}) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl line 1: a chat record .* set training.dataset = 'chat'"):
+        check_data_config(config("--training.dataset", "files", "--training.dataset_path", str(tmp_path / "chat.jsonl")))
     (tmp_path / "bad.jsonl").write_text(json.dumps({"input_ids": [1, 2], "labels": [1, 3]}) + "\n")
     with pytest.raises(ValueError, match='bad.jsonl line 1: "labels" must have one entry per input id'):
         check_data_config(config("--training.dataset", "files", "--training.dataset_path", str(tmp_path / "bad.jsonl")))

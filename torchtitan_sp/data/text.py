@@ -181,8 +181,13 @@ def _json_line(path: Path, lineno: int, line: str) -> Any:
         raise DataError(f"training.dataset_path: {path} line {lineno}: not valid JSON ({e})") from None
 
 
+NPY_PIECE_TOKENS = 2**20  # a 1-D .npy stream is read in documents of this many tokens
+
+
 def _npy_records(path: Path, start: int) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """A 1-D array of token ids is one document; a 2-D array one document per row."""
+    """A 2-D array of token ids has a document per row; a 1-D array is one token stream, read in
+    pieces of NPY_PIECE_TOKENS (each its own document: store documents as rows, or as .jsonl
+    records, where their boundaries matter). Memory-mapped: only the owner's pieces are read."""
     import numpy as np
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -191,9 +196,10 @@ def _npy_records(path: Path, start: int) -> Iterator[tuple[str, Callable[[], Any
     if array.ndim not in (1, 2) or array.dtype.kind not in "iu":
         raise ValueError(f"training.dataset_path: {path}: a .npy corpus is a 1-D or 2-D integer array of "
                          f"token ids, got {array.ndim}-D {array.dtype}")
-    rows = array[None] if array.ndim == 1 else array
-    for i in range(start, len(rows)):
-        yield f"row {i}", partial(lambda r: {"input_ids": r.tolist()}, rows[i])
+    n = len(array) if array.ndim == 2 else -(-len(array) // NPY_PIECE_TOKENS)
+    for i in range(start, n):
+        piece = array[i] if array.ndim == 2 else array[i * NPY_PIECE_TOKENS:(i + 1) * NPY_PIECE_TOKENS]
+        yield ("row" if array.ndim == 2 else "piece") + f" {i}", partial(lambda r: {"input_ids": r.tolist()}, piece)
 
 
 def parse_text(vocab_size: int) -> Parse:
@@ -204,6 +210,9 @@ def parse_text(vocab_size: int) -> Parse:
 def _text_document(vocab_size: int, path: Path, where: str, record: Any) -> Document:
     if isinstance(record, dict) and "text" not in record and "input_ids" in record:
         return token_document(path, where, record, vocab_size)
+    if isinstance(record, dict) and "text" not in record and ("messages" in record or "prompt" in record):
+        raise DataError(f"training.dataset_path: {path} {where}: a chat record (\"messages\" or \"prompt\"): "
+                        "set training.dataset = 'chat'")
     if not isinstance(record, dict) or "text" not in record:
         raise DataError(f"training.dataset_path: {path} {where}: no \"text\" field "
                         "(each record must be an object with a \"text\" string, or pre-tokenized \"input_ids\")")
