@@ -3,14 +3,16 @@ streamed, sharded over data-parallel ranks, tokenized, then packed or padded (se
 
 Documents: a .txt file (and a stdlib .py file) is one document, read whole (long-context training
 wants long documents; split a huge corpus into files, or use JSON lines). A .jsonl line, an element
-of a .json array, or a .parquet row is one document: its "text" field. Text decodes as UTF-8 with
-bad bytes replaced; empty documents are skipped.
+of a .json array, or a .parquet row is one document: its "text" field, or pre-tokenized "input_ids"
+(+ optional "labels", -100 = not a target), used as stored; a .npy array holds token ids (a row per
+document, or one 1-D stream). Text decodes as UTF-8 with bad bytes replaced; empty documents are
+skipped. The record layer (records(), Corpus) is shared with chat.py, which parses records its way.
 
 Order: each epoch shuffles the file list with a generator seeded by (debug.seed, epoch); documents
 keep their order inside a file. Sharding: the epoch's documents are numbered in that order and
 dp rank r of d takes numbers r, r + d, ... (cp and tp ranks pass the same dp rank, so they get the
-same samples); other ranks' documents are counted, never tokenized (nor parsed in .txt and .jsonl;
-every rank json.loads a whole .json array and reads parquet row groups' text column).
+same samples); other ranks' documents are counted, never tokenized (nor parsed in .txt, .jsonl and
+.npy; every rank json.loads a whole .json array and reads parquet row groups' columns).
 
 Resume: the state names the document the next sample starts in, (epoch, file, item, doc), and the
 tokens of it already used (offset); loading it re-tokenizes that one document, so the next samples
@@ -382,24 +384,22 @@ def text_corpus(cfg: Config, pattern: str | None, dp_rank: int, dp_size: int, se
     return Corpus(files, seed, dp_rank, dp_size, "training.dataset_path", parse)
 
 
-def check_ranks_have_documents(corpus: Corpus, dp_size: int, scan_all: bool) -> int:
+def check_ranks_have_documents(corpus: Corpus, dp_size: int, scan_all: bool) -> None:
     """That every data-parallel rank gets a document in the first epoch (document d goes to rank
     d mod dp_size, so a corpus of fewer documents than ranks fails at the first step); with
-    `scan_all` every record is parsed (a bad one fails here, before launch, not mid-run).
-    Returns the documents counted (all of them with scan_all)."""
+    `scan_all` every record is parsed (a bad one fails here, before launch, not mid-run)."""
     missing, doc = set(range(dp_size)), 0
     for path in corpus.order(0):
         for where, read in records(path, 0, corpus.columns):
             if (scan_all or doc % dp_size in missing) and corpus.document(path, where, read) is not None:
                 missing.discard(doc % dp_size)
                 if not missing and not scan_all:
-                    return doc + 1
+                    return
             doc += 1
     if missing:
         raise ValueError(f"{corpus.key}: no non-empty document for data-parallel rank {min(missing)} of {dp_size} "
                          f"({len(corpus.files)} files hold {doc} documents, dealt to the ranks in turn; a .txt file "
                          f"is one document)")
-    return doc
 
 
 def check_data_config(cfg: Config, dp_size: int = 1) -> None:
