@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from tests.trainer_utils import tiny_args
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import ConfigError, load_config
 from torchtitan_sp.data import build_dataloader, text
-from torchtitan_sp.data.sources import MixtureDataset, build_dataset, check_data_config, parse_sources
+from torchtitan_sp.data.sources import (
+    MixtureDataset,
+    build_dataset,
+    check_data_config,
+    mixture_resume_after,
+    parse_sources,
+)
 from torchtitan_sp.data.summary import describe_data
 from torchtitan_sp.validate import load_and_validate
 
@@ -208,3 +215,29 @@ def test_start_up_summary_names_the_data(tmp_path: Path) -> None:
     cfg = config("--training.dataset", "chat", "--training.dataset_path", str(chat), "--training.seq_len", "256")
     text = "\n".join(line for _, line in describe_data(cfg, build_dataset(cfg, 0, 1), run_tokens=256))
     assert "labels on assistant replies only" in text and "conversations longer than seq_len 256: drop" in text
+
+
+def test_mixture_resumes_on_another_dp_degree_without_repeats(tmp_path: Path) -> None:
+    """Old dp 2 -> new dp 3 (what the checkpoint does with mixture_resume_after): each source goes
+    on after the furthest document an old rank used of it; none is read twice; token counts carry."""
+    for word in ("alpha", "beta"):
+        (tmp_path / word).mkdir()
+        (tmp_path / word / "d.jsonl").write_text("".join(json.dumps({"text": f"{word}-{i:03d} " + "x " * (i % 9)}) + "\n"
+                                                         for i in range(200)))
+    cfg = config("--training.dataset", "files", "--training.dataset_path", f"{tmp_path}/alpha:0.5,{tmp_path}/beta:0.5",
+                 "--training.seq_len", "32")
+
+    def names(ds: MixtureDataset, n: int) -> set[str]:
+        it, tok = iter(ds), ds.streams[0].tokenizer
+        return {m for _ in range(n) for m in re.findall(r"(?:alpha|beta)-\d{3}", tok.decode(next(it)["tokens"].tolist()))}
+
+    old = [build_dataset(cfg, r, 2) for r in range(2)]
+    used = names(old[0], 4) | names(old[1], 20)  # ranks at different places: the furthest one counts
+    states = [ds.state_dict() for ds in old]
+    new = [build_dataset(cfg, r, 3) for r in range(3)]
+    for r, ds in enumerate(new):
+        ds.load_state_dict(mixture_resume_after(states, r))
+    assert sum(ds.tokens[0] + ds.tokens[1] for ds in new) == sum(ds.tokens[0] + ds.tokens[1] for ds in old)
+    read = set().union(*(names(ds, 12) for ds in new))
+    assert used and read and not used & read, sorted(used & read)
+    assert {n.split("-")[0] for n in read} == {"alpha", "beta"}

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from torchtitan_sp.config import Config, resolve_repo_path
+from torchtitan_sp.data.sources import MIXTURE_STATE, mixture_resume_after
 from torchtitan_sp.data.text import Cursor, resume_after
 from torchtitan_sp.models.llama3 import Transformer, model_args
 
@@ -233,6 +234,11 @@ class CheckpointManager:
             c = state["dataset_state"]
             logger.info(f"data-parallel degree changed {old_dp} -> {dp}: the text stream continues at "
                         f"document {c['doc']} of epoch {c['epoch']}, after every document the old ranks used")
+        elif isinstance(ds, dict) and set(ds) == MIXTURE_STATE:
+            state["dataset_state"] = mixture_resume_after([st["dataset_state"] for st in states], self.dp_rank)
+            loader.load_state_dict(state)
+            logger.info(f"data-parallel degree changed {old_dp} -> {dp}: each source of the mixture continues after "
+                        "every document the old ranks used of it")
         else:
             logger.warning(f"data-parallel degree changed {old_dp} -> {dp} and this dataset's loader state "
                            "cannot be resharded: the data stream restarts from its beginning")

@@ -9,7 +9,8 @@ deficit sampler: at draw n a source i is eligible while it has had fewer than w_
 samples, and one eligible source is drawn at random in proportion to its shortfall. So every
 source's count stays within one sample of w_i n (proportions hold on short runs too) while the
 order is random. The state (draws, per-source counts and token counts, and every source's own
-state) travels in the StatefulDataLoader state, so a resume continues the same sequence.
+state) travels in the StatefulDataLoader state, so a resume continues the same sequence; on
+another dp degree each source continues after the furthest document an old rank used of it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torchtitan_sp.data.text import (
     check_ranks_have_documents,
     load_tokenizer,
     resolve_files,
+    resume_after,
     text_corpus,
 )
 from torchtitan_sp.data.tokenizer import Tokenizer
@@ -171,6 +173,19 @@ class MixtureDataset(IterableDataset):
         self.draws, self.counts, self.tokens = state["draws"], list(state["counts"]), list(state["tokens"])
         for stream, st in zip(self.streams, state["sources"]):
             stream.load_state_dict(st)
+
+
+MIXTURE_STATE = {"draws", "counts", "tokens", "sources"}
+
+
+def mixture_resume_after(states: list[dict[str, Any]], dp_rank: int) -> dict[str, Any]:
+    """A mixture's state on another dp degree, from every old dp rank's: each source continues
+    after the furthest document any old rank used of it (text.resume_after), the sampler starts
+    afresh (its shares hold from any start), and new dp rank 0 carries the token counts so far."""
+    n = len(states[0]["sources"])
+    return {"draws": 0, "counts": [0] * n,
+            "tokens": [sum(st["tokens"][i] for st in states) if dp_rank == 0 else 0 for i in range(n)],
+            "sources": [resume_after([st["sources"][i] for st in states]) for i in range(n)]}
 
 
 def data_metrics(dataset: IterableDataset, group: dist.ProcessGroup, device: torch.device) -> dict[str, int]:
