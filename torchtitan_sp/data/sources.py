@@ -78,8 +78,6 @@ def check_data_keys(cfg: Config) -> None:
     if t.dataset in reads and t.dataset_path:
         raise ConfigError(f"training.dataset_path: set ({t.dataset_path}), but training.dataset = {t.dataset!r} "
                           f"{reads[t.dataset]}; set training.dataset = 'files' (or 'chat') to read the path")
-    if t.dataset in ("files", "chat") and not t.dataset_path:
-        raise ConfigError(f"training.dataset_path: required when training.dataset = {t.dataset!r}")
     if t.dataset == "synthetic" and t.packing != default.packing:
         raise ConfigError("training.packing: synthetic samples are one document each; packing applies to "
                           "training.dataset stdlib, files or chat")
