@@ -169,7 +169,7 @@ def test_chat_resume_is_exact(tmp_path: Path) -> None:
 
 
 BAD_RECORDS = {  # case -> (the bad line, expected message after "<file> line 2: ")
-    "no messages": ('{"text": "hi"}', "no messages"),
+    "no messages": ('{"text": "hi"}', 'no messages \\(a chat record is {"messages": \\[{"role"'),
     "empty messages": ('{"messages": []}', "no messages"),
     "unknown role": ('{"messages": [{"role": "bot", "content": "x"}]}',
                      "message 0 has role 'bot'; valid roles: system, user, assistant, tool"),

@@ -59,7 +59,7 @@ def parse_chat(vocab_size: int, path: Path, where: str, record: Any) -> Conversa
                                {"role": "assistant", "content": record["completion"]}]}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise DataError(f"{at}: no messages (a chat record is {{\"messages\": [{{\"role\": ..., \"content\": ...}}, "
-                        "...]}} or {\"prompt\": ..., \"completion\": ...})")
+                        "...]} or {\"prompt\": ..., \"completion\": ...})")
     conversation, previous = [], None
     for i, m in enumerate(record["messages"]):
         role = m.get("role") if isinstance(m, dict) else None
