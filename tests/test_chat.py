@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import string
 from pathlib import Path
@@ -109,7 +110,7 @@ def qa(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def test_packing_whole_conversations_and_truncation(tmp_path: Path) -> None:
+def test_packing_whole_conversations_and_truncation(tmp_path: Path, caplog) -> None:
     """Conversations fill a window while they fit, each with positions from 0 and its own document
     id; the rest is padding (no labels). Longer than seq_len: dropped or cut to seq_len, counted."""
     convs = [qa(f"q{i}", "a" * (1 + i % 3)) for i in range(6)] + [qa("long " * 200, "x")] + [qa("end", "ok")]
@@ -122,8 +123,13 @@ def test_packing_whole_conversations_and_truncation(tmp_path: Path) -> None:
     for truncation in ("drop", "right"):
         ds = build_dataset(chat_config(path, "--training.seq_len", str(seq), "--training.truncation", truncation), 0, 1)
         it = iter(ds)
-        samples = [next(it) for _ in range(4)]
+        with caplog.at_level(logging.WARNING, logger="torchtitan_sp"):
+            samples = [next(it) for _ in range(4)]
         assert ds.cut == 1 and ds.seen >= 7
+        what = "dropped" if truncation == "drop" else "truncated to their first 160 tokens"
+        assert f"training.truncation = {truncation}: 1 of 7 conversations read by this data-parallel rank were " \
+               f"longer than seq_len 160 and {what}" in caplog.text
+        caplog.clear()
         # Expected windows: greedy over whole conversations.
         order = [i for i in range(8) if truncation == "right" or i != 6]
         windows, current = [], []
