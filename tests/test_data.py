@@ -18,11 +18,11 @@ from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_indices, shard_
 from torchtitan_sp.config import Config, load_config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.data.packing import Packer
+from torchtitan_sp.data.sources import check_data_config
 from torchtitan_sp.data.text import (
     Cursor,
     TextDataset,
     build_text_dataset,
-    check_data_config,
     check_tokenizer_vocab,
     resolve_files,
     resume_after,
@@ -305,7 +305,7 @@ def test_parquet(tmp_path: Path) -> None:
     resumed = ds.corpus.documents(Cursor(0, 0, 4, 4))  # starts inside the second row group
     assert [next(resumed)[1] for _ in range(3)] == ["r4", "r5", "r6"]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match='bad.parquet: no "text" column'):
+    with pytest.raises(ValueError, match='bad.parquet: no "text" or "input_ids" column'):
         build_text_dataset(files_config(tmp_path / "bad.parquet"), 0, 1)
 
 

@@ -15,6 +15,7 @@ import pytest
 from tests.dist_utils import free_port, run_distributed
 from tests.trainer_utils import read_metrics, tiny_args, train
 from torchtitan_sp.config import load_config
+from torchtitan_sp.data.sources import SCAN_BYTES
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,16 +149,18 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
         tb.terminate()
         tb.wait(timeout=30)
 
-    # A later run in this folder that fails at its first step (a bad record found while streaming)
-    # leaves this run's metrics.jsonl, TensorBoard events and config.json as they were.
+    # A later run in this folder that fails at its first step (a bad record found while streaming: the
+    # corpus is larger than the start-up scan reads; exit 2, one line) leaves this run's metrics.jsonl,
+    # TensorBoard events and config.json as they were.
     before = {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()}
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "fine"}\n' * 3 + '{"title": "no text"}\n')
+    data.write_text('{"text": "fine"}\n' * 3 + '{"title": "no text"}\n' + json.dumps({"text": "x" * SCAN_BYTES}) + "\n")
     r = subprocess.run([sys.executable, "-m", "torchtitan_sp.train", "--job.dump_folder", str(dump),
                         "--training.dataset", "files", "--training.dataset_path", str(data)],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 1 and 'bad.jsonl line 4: no "text" field' in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and 'bad.jsonl line 4: no "text" field' in r.stderr, r.stdout + r.stderr
+    assert "documents not counted" in r.stdout  # the trainer had started: the data loader found it
     assert {p: p.read_bytes() for p in dump.rglob("*") if p.is_file()} == before
 
 

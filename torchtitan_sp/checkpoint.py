@@ -53,6 +53,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torchtitan_sp.checkpoint_files import complete_checkpoints, resume_path
 from torchtitan_sp.config import Config, resolve_repo_path
+from torchtitan_sp.data.sources import MIXTURE_STATE, mixture_resume_after
 from torchtitan_sp.data.text import Cursor, resume_after
 
 logger = logging.getLogger("torchtitan_sp")
@@ -196,6 +197,11 @@ class CheckpointManager:
             c = state["dataset_state"]
             logger.info(f"data-parallel degree changed {old_dp} -> {dp}: the text stream continues at "
                         f"document {c['doc']} of epoch {c['epoch']}, after every document the old ranks used")
+        elif isinstance(ds, dict) and set(ds) == MIXTURE_STATE:
+            state["dataset_state"] = mixture_resume_after([st["dataset_state"] for st in states], self.dp_rank)
+            loader.load_state_dict(state)
+            logger.info(f"data-parallel degree changed {old_dp} -> {dp}: each source of the mixture continues after "
+                        "every document the old ranks used of it")
         else:
             logger.warning(f"data-parallel degree changed {old_dp} -> {dp} and this dataset's loader state "
                            "cannot be resharded: the data stream restarts from its beginning")

@@ -97,11 +97,15 @@ class Training:
     max_norm: float = 1.0
     """Gradient clipping norm (<= 0 disables)."""
     dataset: str = "synthetic"
-    """Data source: synthetic | stdlib (this interpreter's standard-library source) | files (training.dataset_path)."""
+    """Data source: synthetic | stdlib (this interpreter's standard library) | files | chat (training.dataset_path)."""
     dataset_path: str = ""
-    """File, folder or glob of .txt, .jsonl/.json ("text" field), .parquet (pyarrow); relative: cwd, else repo (globs: cwd only)."""  # noqa: E501
+    """File, folder or glob (.txt, .jsonl/.json/.parquet: "text", "messages" or "input_ids"; .npy); mixture "a/*:0.6,b:0.4"."""  # noqa: E501
     packing: bool = True
     """Pack documents into seq_len windows with per-document positions and a document-causal mask."""
+    train_on_prompt: bool = False
+    """chat: also train on system, user and tool turns and headers (default: assistant replies only)."""
+    truncation: str = "drop"
+    """chat: a conversation longer than seq_len is dropped (drop) or cut to its first seq_len tokens (right)."""
     mixed_precision_param: str = "bfloat16"
     """Parameter dtype for compute on GPU: bfloat16 | float32 (CPU runs always use float32)."""
     mixed_precision_reduce: str = "float32"
@@ -278,7 +282,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("AdamW",),
     "optimizer.implementation": ("fused", "foreach", "for-loop"),
     "lr_scheduler.decay_type": ("linear", "cosine", "none"),
-    "training.dataset": ("synthetic", "stdlib", "files"),
+    "training.dataset": ("synthetic", "stdlib", "files", "chat"),
+    "training.truncation": ("drop", "right"),
     "training.mixed_precision_param": ("bfloat16", "float32"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
     "parallelism.context_parallel_strategy": ("ring", "ulysses", "usp", "allgather"),
@@ -458,8 +463,8 @@ def check_values(cfg: Config) -> None:
     if cfg.activation_checkpoint.offload and cfg.activation_checkpoint.mode != "full":
         raise ConfigError("activation_checkpoint.offload: needs activation_checkpoint.mode = 'full' "
                           f"(mode is {cfg.activation_checkpoint.mode!r})")
-    if t.dataset == "files" and not t.dataset_path:
-        raise ConfigError("training.dataset_path: required when training.dataset = 'files'")
+    if t.dataset in ("files", "chat") and not t.dataset_path:
+        raise ConfigError(f"training.dataset_path: required when training.dataset = {t.dataset!r}")
 
 
 def help_text() -> str:

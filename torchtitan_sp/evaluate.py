@@ -29,12 +29,16 @@ from torchtitan_sp.config import Config, ConfigError, resolve_repo_path
 from torchtitan_sp.data.packing import empty_batch
 from torchtitan_sp.data.synthetic import SyntheticTokens
 from torchtitan_sp.data.text import (
+    TEXT_COLUMNS,
+    TEXT_NEEDS,
     Corpus,
     Cursor,
+    Document,
     TextDataset,
-    _records,
     check_file,
     check_tokenizer_vocab,
+    parse_text,
+    records,
     resolve_files,
     stdlib_files,
 )
@@ -82,7 +86,7 @@ def validation_inputs(cfg: Config) -> tuple[Tokenizer, list[Path]]:
     try:
         files = resolve_files(v.dataset_path)
         for f in files:
-            check_file(f)
+            check_file(f, TEXT_COLUMNS, TEXT_NEEDS, parse_text(FLAVORS[cfg.model.flavor].vocab_size))
     except ValueError as e:
         raise _keyed(e) from None
     return tokenizer, files
@@ -91,15 +95,19 @@ def validation_inputs(cfg: Config) -> tuple[Tokenizer, list[Path]]:
 class OneEpoch(Corpus):
     """The documents of this corpus rank, once, in epoch 0's order: a finite set."""
 
-    def documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
+    def documents(self, start: Cursor) -> Iterator[tuple[Cursor, Document]]:
         doc = 0
         for f, path in enumerate(self.order(0)):
-            for item, text_of in enumerate(_records(path, 0)):
-                if doc % self.dp_size == self.dp_rank:
-                    text = text_of()
-                    if text.strip():
-                        yield Cursor(0, f, item, doc), text
+            for item, (where, read) in enumerate(records(path, 0, self.columns)):
+                if doc % self.dp_size == self.dp_rank and (document := self.document(path, where, read)) is not None:
+                    yield Cursor(0, f, item, doc), document
                 doc += 1
+
+
+def validation_corpus(cfg: Config, files: list[Path]) -> OneEpoch:
+    """The whole held-out set as one rank's corpus (its samples are dealt to the dp ranks later)."""
+    return OneEpoch(files, cfg.debug.seed, 0, 1, "validation.dataset_path",
+                    parse_text(FLAVORS[cfg.model.flavor].vocab_size))
 
 
 def validation_samples(cfg: Config, vocab_size: int, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -110,7 +118,7 @@ def validation_samples(cfg: Config, vocab_size: int, dp_rank: int, dp_size: int)
     # One packing of the whole set, its samples dealt to the dp ranks in turn: the same windows
     # whatever the dp degree (each rank tokenizes the whole set; a held-out set is small).
     tokenizer, files = validation_inputs(cfg)
-    corpus = OneEpoch(files, cfg.debug.seed, 0, 1, "validation.dataset_path")
+    corpus = validation_corpus(cfg, files)
     return islice(iter(TextDataset(corpus, tokenizer, seq_len, cfg.training.packing)), dp_rank, None, dp_size)
 
 
@@ -131,8 +139,8 @@ def validation_texts(cfg: Config) -> Iterator[str] | None:
     if cfg.validation.dataset == "synthetic":
         return None
     _, files = validation_inputs(cfg)
-    corpus = OneEpoch(files, cfg.debug.seed, 0, 1, "validation.dataset_path")
-    return (text for _, text in corpus.documents(None))
+    corpus = validation_corpus(cfg, files)
+    return (doc for _, doc in corpus.documents(None) if isinstance(doc, str))  # pre-tokenized: no text
 
 
 def check_evaluation(cfg: Config, dims: ParallelDims) -> None:

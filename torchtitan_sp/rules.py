@@ -2,7 +2,7 @@
 
 Single-key values are checked when the config is loaded (config.py); here, every rule across keys
 and against the world size. Each component keeps its own check next to the code it mirrors
-(parallel_dims, attention.check_cp_attention, data.text.check_data_config,
+(parallel_dims, attention.check_cp_attention, data.sources.check_data_config,
 checkpoint_files.check_checkpoint, evaluate.check_evaluation); `validate` calls them in order. Used by the launcher's
 check (validate.py), the trainer, the dry run and the estimator.
 """
@@ -19,7 +19,7 @@ import torch
 from torchtitan_sp.attention import check_cp_attention
 from torchtitan_sp.checkpoint_files import check_checkpoint
 from torchtitan_sp.config import Config, ConfigError, load_config, resolve_repo_path
-from torchtitan_sp.data.text import check_data_config
+from torchtitan_sp.data.sources import check_data_config
 from torchtitan_sp.evaluate import check_evaluation
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.parallel_dims import ParallelDims
@@ -48,8 +48,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
             raise ConfigError(f"training.mixed_precision_param: float32 on GPUs does not combine with "
                               f"context_parallel_strategy {p.context_parallel_strategy!r} (its cuDNN/flash block "
                               "kernels take bfloat16 only); use bfloat16, or the ulysses strategy")
-    if cfg.training.dataset != "synthetic":
-        check_data_config(cfg, dims.dp)
+    check_data_config(cfg, dims.dp)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:

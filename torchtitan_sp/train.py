@@ -31,6 +31,9 @@ from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
 from torchtitan_sp.checkpoint import CheckpointManager, TrainState
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
+from torchtitan_sp.data.sources import data_metrics
+from torchtitan_sp.data.summary import describe_data
+from torchtitan_sp.data.text import DataError
 from torchtitan_sp.evaluate import Evaluator
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.memory_model import GIB, Setup, estimate
@@ -175,6 +178,8 @@ class Trainer:
                     f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = "
                     f"{self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
+        for level, line in describe_data(cfg, self.dataloader.dataset, self.tokens_per_step * t.steps):
+            logger.log(level, line)
         self._memory_summary()
 
     def _memory_summary(self) -> None:
@@ -363,7 +368,8 @@ class Trainer:
              "lr": out["lr"], "tps": tps, "tokens_seen": self.tokens_seen,
              "tflops": tflops if self.device.type == "cuda" else None,
              "mfu": 100 * tflops / self.peak if self.peak else None,
-             "mem_gib": None, "data_pct": 100 * data_time / elapsed}
+             "mem_gib": None, "data_pct": 100 * data_time / elapsed,
+             **data_metrics(self.dataloader.dataset, self.meshes["dp"].get_group(), self.device)}
         if self.device.type == "cuda":
             m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             m["mem_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -389,6 +395,10 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:  # bad input: load_and_validate exits 2
         code = e.code if isinstance(e.code, int) else 1
+    except DataError as e:  # a bad record the start-up scan did not reach: one line, exit 2 as before launch
+        print(f"error: {e}", file=sys.stderr)
+        get_error_handler().record_exception(e)
+        code = 2
     except BaseException as e:
         traceback.print_exc()
         # torchrun's failure summary names the root cause from this file, also for ranks whose

@@ -16,6 +16,6 @@ def build_dataloader(cfg: Config, vocab_size: int, dp_rank: int, dp_size: int) -
     if t.dataset == "synthetic":
         ds = SyntheticTokens(vocab_size, t.seq_len, cfg.debug.seed, dp_rank, dp_size)
     else:
-        from torchtitan_sp.data.text import build_text_dataset  # the real-data path (tokenizer, packing)
-        ds = build_text_dataset(cfg, dp_rank, dp_size)
+        from torchtitan_sp.data.sources import build_dataset  # the real-data path (tokenizer, packing, mixtures)
+        ds = build_dataset(cfg, dp_rank, dp_size)
     return StatefulDataLoader(ds, batch_size=t.local_batch_size, num_workers=0)
