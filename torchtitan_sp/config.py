@@ -81,7 +81,7 @@ class LRScheduler:
     decay_type: str = "linear"
     """Decay after warmup: linear | cosine | none."""
     min_lr_factor: float = 0.0
-    """The last step's lr as a fraction of lr (linear/cosine decay; ignored with none)."""
+    """The last step's lr as a fraction of lr (linear/cosine decay only)."""
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,19 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
     """
     n_embedding = args.vocab_size * args.dim
     return 6 * (n_params - n_embedding) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+# run_train.sh sets it to 1 when its own stdout is a terminal: under torchrun the workers' stdout is a pipe.
+COLOR_ENV = "TORCHTITAN_SP_COLOR"
+
+
+def use_color(disable_color_printing: bool, stream=None) -> bool:
+    """Colour only on a terminal (the launcher's, else this process's stdout); the key forces plain lines."""
+    if disable_color_printing:
+        return False
+    if COLOR_ENV in os.environ:
+        return os.environ[COLOR_ENV] == "1"
+    return bool(getattr(stream or sys.stdout, "isatty", lambda: False)())
 
 
 class MetricsLogger:

@@ -32,7 +32,7 @@ from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
-from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
+from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops, use_color
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
@@ -134,7 +134,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler, self.step)
 
         self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
-                                     color=not cfg.metrics.disable_color_printing, active=self.rank == 0,
+                                     color=use_color(cfg.metrics.disable_color_printing), active=self.rank == 0,
                                      first_step=self.step + 1)
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)

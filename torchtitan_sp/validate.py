@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
+from torchtitan_sp.meaningful import check_meaningful, launch_device
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -23,6 +24,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Every cross-key rule; raises ConfigError (or ValueError from a component) with one line."""
     dims = ParallelDims.from_config(cfg, world_size)
     dims.validate(cfg)
+    check_meaningful(cfg, dims)
     p = cfg.parallelism
     if Path(cfg.job.dump_folder).is_file():
         raise ConfigError(f"job.dump_folder: {cfg.job.dump_folder} is a file, not a folder")
@@ -90,12 +92,13 @@ def main() -> None:
         from torchtitan_sp.dry_run import dry_run
         dry_run(cfg, dims)
         sys.exit(EXIT_HANDLED)
-    if "NPROC_PER_NODE" in os.environ:  # set by the launch scripts; WORLD_SIZE may span several nodes
-        import torch
-        try:
+    try:
+        check_meaningful(cfg, dims, launch_device())  # a launch: settings this device ignores too
+        if "NPROC_PER_NODE" in os.environ:  # set by the launch scripts; WORLD_SIZE may span several nodes
+            import torch
             check_local_gpus(int(os.environ["NPROC_PER_NODE"]), torch.cuda.device_count())
-        except ConfigError as e:
-            _exit_bad_input(e)
+    except ConfigError as e:
+        _exit_bad_input(e)
 
 
 if __name__ == "__main__":
