@@ -6,6 +6,7 @@
 #   LOG_RANK          ranks whose output is shown (default 0; e.g. 0,1)
 #   SHUTDOWN_TIMEOUT  seconds the workers get after SIGTERM to finish the step and save a checkpoint
 #                     before they are killed (default 300); the run then exits 143
+# Ctrl-C with checkpoint.enable: the workers finish the step, save and exit 130; a second Ctrl-C aborts.
 # Multi-node: see README ("Several nodes") and scripts/slurm_train.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)
@@ -45,7 +46,7 @@ if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 
 # torchrun, except that a stop by signal exits 128 + signal (143 for SIGTERM) instead of a traceback:
 # torchrun has then passed the signal on and waited up to SHUTDOWN_TIMEOUT for the workers to save.
-# Workers signalled directly save, then exit 143 themselves: that is a stop too, not a failure.
+# Workers signalled directly save, then exit 143 (SIGTERM) or 130 (Ctrl-C) themselves: a stop, not a failure.
 exec "$PYTHON" -c '
 import sys
 from torch.distributed.elastic.multiprocessing import SignalException
@@ -56,9 +57,10 @@ try:
 except SignalException as e:
     sys.exit(128 + e.sigval)
 except ChildFailedError as e:
-    if {f.exitcode for f in e.failures.values()} != {143}:
+    codes = {f.exitcode for f in e.failures.values()}
+    if codes not in ({143}, {130}):
         raise
-    sys.exit(143)
+    sys.exit(codes.pop())
 ' --standalone --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -68,24 +69,28 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def stop_with_sigterm(tmp_path: Path, to_a_worker: bool = False, **extra: str) -> tuple[int, str]:
-    """Start a long run, SIGTERM run_train.sh (torchrun) or one of its workers once training has
-    started, return (exit code, output)."""
+def stop_with_sigterm(tmp_path: Path, to_a_worker: bool = False, sig: int = signal.SIGTERM, to_the_group: bool = False,
+                      checkpoint: bool = True, **extra: str) -> tuple[int, str]:
+    """Start a long run, signal run_train.sh (torchrun), one of its workers, or its whole process group
+    (a terminal's Ctrl-C) once training has started; return (exit code, output)."""
     log = tmp_path / "log"
-    args = [RUN_TRAIN, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "100000",
-            "--checkpoint.enable", "--checkpoint.interval", "100000", *TINY]
+    args = [RUN_TRAIN, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "100000", *TINY]
+    if checkpoint:
+        args += ["--checkpoint.enable", "--checkpoint.interval", "100000"]
     with open(log, "w") as out:
         proc = subprocess.Popen(args, cwd=tmp_path, env=env(NGPU="2", **extra), stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=to_the_group)
     try:
         deadline = time.time() + 240
-        while "step     1" not in log.read_text():
+        while not re.search(r"step +1[ /]", log.read_text()):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         if to_a_worker:  # as a cluster manager that signals the training processes themselves
-            os.kill(_children(proc.pid)[-1], signal.SIGTERM)
+            os.kill(_children(proc.pid)[-1], sig)
+        elif to_the_group:
+            os.killpg(proc.pid, sig)
         else:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         return proc.wait(timeout=120), log.read_text()
     finally:
         if proc.poll() is None:  # a hang: torchrun's own SIGTERM handling ends the workers too
@@ -109,3 +114,37 @@ def test_shutdown_timeout_is_the_workers_grace_period(tmp_path: Path) -> None:
     assert code == 143, out[-3000:]
     assert "forcefully exiting" in out, out[-3000:]
     assert not list((tmp_path / "run" / "checkpoint").glob("step-*"))
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["checkpointing", "no checkpointing"])
+def test_ctrl_c_saves_and_exits_130(tmp_path: Path, checkpoint: bool) -> None:
+    """SIGINT to the launcher's process group, as a terminal's Ctrl-C sends it: with checkpointing the
+    step finishes and is saved; without, one line; exit 130 either way, no traceback from any rank."""
+    code, out = stop_with_sigterm(tmp_path, sig=signal.SIGINT, to_the_group=True, checkpoint=checkpoint,
+                                  LOG_RANK="0,1")
+    assert code == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    if checkpoint:
+        saved = [p.name for p in (tmp_path / "run" / "checkpoint").iterdir()]
+        assert len(saved) == 1 and saved[0].startswith("step-"), saved
+        lines = [ln for ln in out.splitlines() if "Ctrl-C: saved" in ln]
+        assert len(lines) == 1 and f"Ctrl-C: saved {saved[0]} in {tmp_path / 'run' / 'checkpoint'}" in lines[0], out
+    else:
+        assert not (tmp_path / "run" / "checkpoint").exists()
+        lines = [ln for ln in out.splitlines() if "Ctrl-C: stopped during step" in ln]
+        assert len(lines) == 1 and "nothing saved (checkpoint.enable is off)" in lines[0], out[-3000:]
+
+
+def test_second_ctrl_c_aborts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchtitan_sp import interrupt
+    handler = interrupt.CtrlC()
+    handler.defer = True  # checkpointing: the first asks for a stop after the step
+    handler(signal.SIGINT, None)
+    assert handler.requested
+    handler(signal.SIGINT, None)  # torchrun passing the same key press on: ignored
+    handler.last -= interrupt.REPEAT_S
+    with pytest.raises(KeyboardInterrupt):  # a second key press
+        handler(signal.SIGINT, None)
+    plain = interrupt.CtrlC()  # no checkpointing: the first aborts
+    with pytest.raises(KeyboardInterrupt):
+        plain(signal.SIGINT, None)

@@ -195,7 +195,7 @@ class Checkpoint:
     export_final: bool = False
     """After the last step, write the model weights alone to <folder>/model.pt."""
     save_on_sigterm: bool = True
-    """On SIGTERM, save a checkpoint before exiting."""
+    """On SIGTERM or Ctrl-C (SIGINT), finish the step and save a checkpoint before exiting (143 / 130)."""
 
 
 @dataclass

@@ -31,6 +31,8 @@ from torchtitan_sp.attention.sharding import IGNORE_INDEX, shard_sequence
 from torchtitan_sp.config import Config
 from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.estimate import GIB, Setup, estimate
+from torchtitan_sp.interrupt import EXIT_INTERRUPTED
+from torchtitan_sp.interrupt import install as install_ctrl_c
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops, use_color
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
@@ -337,13 +339,21 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; the exit code is 0, or 143 when SIGTERM stopped the run after saving a checkpoint."""
+    """Train; the exit code is 0, or 143 (SIGTERM) / 130 (Ctrl-C) when a signal stopped the run after
+    saving a checkpoint, or 130 when Ctrl-C aborted it."""
+    install_ctrl_c()
     cfg, dims = load_and_validate(argv)
     trainer = Trainer(cfg, dims)
     try:
         trainer.train()
     except SystemExit as e:
         return int(e.code)
+    except KeyboardInterrupt:
+        if trainer.rank == 0:
+            saved = "the newest checkpoint is kept" if cfg.checkpoint.enable else "nothing saved (checkpoint.enable is off)"
+            logger.warning(f"Ctrl-C: stopped during step {trainer.step + 1}; {saved}; exiting with code "
+                           f"{EXIT_INTERRUPTED}")
+        return EXIT_INTERRUPTED
     finally:
         dist.destroy_process_group()
     return 0
@@ -354,6 +364,9 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:  # bad input: load_and_validate exits 2
         code = e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print(f"Ctrl-C: stopped before training started; exiting with code {EXIT_INTERRUPTED}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except BaseException as e:
         traceback.print_exc()
         # torchrun's failure summary names the root cause from this file, also for ranks whose
