@@ -37,6 +37,10 @@ done
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 [[ "$SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]] || bad_input "SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT: must be whole seconds"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Coloured metric lines only on a terminal (the workers' own stdout is torchrun's pipe, so they ask here).
+if [ -z "${TORCHTITAN_SP_COLOR:-}" ]; then
+    if [ -t 1 ]; then export TORCHTITAN_SP_COLOR=1; else export TORCHTITAN_SP_COLOR=0; fi
+fi
 
 # Validate before starting processes: bad input exits 2 with one line; --help and dry runs end here.
 rc=0

@@ -32,6 +32,9 @@ def test_relative_paths_resolve_against_the_callers_directory(tmp_path: Path) ->
     r = subprocess.run([RUN_TRAIN, "--config", "./my.toml", "--training.dataset_path", "./tiny", *TINY],
                        cwd=tmp_path, env=env(NGPU="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the console: step of total, seconds per step and ETA; no colour codes in a redirected log
+    assert re.search(r"step +2/2 +loss .* \d+\.\d\d s/step  ETA 0:00:00\n", r.stdout), r.stdout[-3000:]
+    assert "\033[" not in r.stdout
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2]
     run = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from torchtitan_sp.models.llama3 import ModelArgs
+from torchtitan_sp.progress import duration
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,12 @@ def use_color(disable_color_printing: bool, stream=None) -> bool:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, dump_folder: Path, enable_tensorboard: bool, color: bool, active: bool, first_step: int):
+    def __init__(self, dump_folder: Path, enable_tensorboard: bool, color: bool, active: bool, first_step: int,
+                 total_steps: int):
         """`first_step` > 1 on resume: metrics.jsonl is appended to (the checkpointer has cut it
         back to the resumed step), and TensorBoard hides earlier runs' events from this step on."""
         self.folder, self.tensorboard, self.first_step = dump_folder, enable_tensorboard, first_step
-        self.active = active
+        self.active, self.total_steps = active, total_steps
         self.color = color
         self.writer = None
         self.jsonl = None
@@ -90,7 +92,7 @@ class MetricsLogger:
 
     def _line(self, step: int, m: dict[str, Any]) -> str:
         c = (lambda code, s: f"\033[{code}m{s}\033[0m") if self.color else (lambda code, s: s)
-        parts = [c("31", f"step {step:>5}"), c("36", f"loss {m['loss']:8.4f}"),
+        parts = [c("31", f"step {step:>5}/{self.total_steps}"), c("36", f"loss {m['loss']:8.4f}"),
                  c("33", f"grad_norm {m['grad_norm']:7.3f}"), f"lr {m['lr']:.2e}",
                  c("32", f"tps {m['tps']:,.0f}")]
         if m.get("tflops") is not None:
@@ -100,6 +102,9 @@ class MetricsLogger:
         if m.get("mem_gib") is not None:
             parts.append(c("35", f"mem {m['mem_gib']:.2f}GiB"))
         parts.append(f"data {m['data_pct']:.1f}%")
+        if m.get("s_per_step") is not None:
+            eta = m["s_per_step"] * (self.total_steps - step)
+            parts.append(c("90", f"{m['s_per_step']:.2f} s/step  ETA {duration(eta)}"))
         return "  ".join(parts)
 
     def close(self) -> None:

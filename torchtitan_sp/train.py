@@ -39,6 +39,7 @@ from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
+from torchtitan_sp.progress import Heartbeat
 from torchtitan_sp.validate import load_and_validate
 
 logger = logging.getLogger("torchtitan_sp")
@@ -137,7 +138,7 @@ class Trainer:
 
         self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
                                      color=use_color(cfg.metrics.disable_color_printing), active=self.rank == 0,
-                                     first_step=self.step + 1)
+                                     first_step=self.step + 1, total_steps=cfg.training.steps)
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
@@ -298,15 +299,22 @@ class Trainer:
         window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        heartbeat = Heartbeat(cfg.training.steps, self.step, logger.info) if self.rank == 0 else None
         try:
             while self.step < cfg.training.steps:
                 t0 = time.perf_counter()
+                if self.step + 1 == first_step and cfg.compile.enable:
+                    logger.info("torch.compile: compiling the blocks during the first step (can take minutes)")
                 micro_batches = [next(data_iter) for _ in range(self.grad_accum)]
                 data_time += time.perf_counter() - t0
                 out = self.train_step(micro_batches)
                 self.step += 1
                 window_steps += 1
+                if heartbeat is not None:
+                    heartbeat.step_done(self.step)
                 if self.step == first_step:
+                    if cfg.compile.enable:
+                        logger.info(f"torch.compile: done; the first step took {time.perf_counter() - t0:.1f}s")
                     saves = self.checkpointer.pg if self.checkpointer is not None else None
                     set_collective_timeout(cfg.comm.train_timeout_seconds, keep=(saves,) if saves else ())
                     if self.rank == 0:  # once a step has run: a run that fails earlier overwrites nothing
@@ -318,6 +326,8 @@ class Trainer:
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             if self.checkpointer is not None:
                 self.checkpointer.close()
             self.metrics.close()
@@ -330,7 +340,7 @@ class Trainer:
              "lr": out["lr"], "tps": tps, "tokens_seen": self.tokens_seen,
              "tflops": tflops if self.device.type == "cuda" else None,
              "mfu": 100 * tflops / self.peak if self.peak else None,
-             "mem_gib": None, "data_pct": 100 * data_time / elapsed}
+             "mem_gib": None, "data_pct": 100 * data_time / elapsed, "s_per_step": elapsed / steps}
         if self.device.type == "cuda":
             m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             m["mem_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
