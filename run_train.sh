@@ -10,18 +10,26 @@
 # Multi-node: see README ("Several nodes") and scripts/slurm_train.sh.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-python3}
 # This checkout's package, not another one that happens to be installed.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 bad_input() { echo "error: $1" >&2; exit 2; }
 
-# A fresh machine with only Python and pip: install what is missing first.
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    "$PYTHON" -m pip install -q "torch==2.13.0"
+# A fresh machine with only Python and pip: install what is missing first (into $REPO/.venv when the
+# system's Python is externally managed; scripts/python_env.sh says which Python is used and why).
+source "$REPO/scripts/python_env.sh"
+DEPS="torchtitan_sp torchdata tiktoken tensorboard"
+missing=$("$PYTHON" -c 'import importlib, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        print(name)' torch $DEPS 2>/dev/null) || bad_input "PYTHON=$PYTHON does not run"
+if [[ " $missing " == *" torch "* ]]; then
+    pip_install torch "torch is not installed for $PYTHON; a few GB, once" "torch==2.13.0"
 fi
-if ! "$PYTHON" -c "import torchtitan_sp, torchdata, tiktoken, tensorboard" 2>/dev/null; then
-    "$PYTHON" -m pip install -q -e "$REPO"
+if [ -n "${missing/torch/}" ]; then
+    pip_install "${DEPS// /, }" "missing: $(echo $missing); this package's dependencies" -e "$REPO"
 fi
 
 if [ -z "${NGPU:-}" ]; then
