@@ -4,8 +4,9 @@
 # a bare --config name is looked up in this repo's train_configs/.
 #   NGPU              processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)
 #   LOG_RANK          ranks whose output is shown (default 0; e.g. 0,1)
-#   SHUTDOWN_TIMEOUT  seconds the workers get after SIGTERM to finish the step and save a checkpoint
+#   SHUTDOWN_TIMEOUT  seconds the workers get after SIGTERM or Ctrl-C to finish the step and save a checkpoint
 #                     before they are killed (default 300); the run then exits 143
+#   PYTHON            interpreter (default: the active environment's python3, else .venv if made, else python3)
 # Ctrl-C with checkpoint.enable: the workers finish the step, save and exit 130; a second Ctrl-C aborts.
 # Multi-node: see README ("Several nodes") and scripts/slurm_train.sh.
 set -euo pipefail
@@ -33,6 +34,7 @@ if [ -n "${missing/torch/}" ]; then
 fi
 
 if [ -z "${NGPU:-}" ]; then
+    export TORCHTITAN_SP_NGPU_DEFAULTED=1  # validation then says to set NGPU when the world size does not fit
     NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
     [ "$NGPU" -gt 0 ] || NGPU=4
 fi

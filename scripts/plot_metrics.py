@@ -1,4 +1,4 @@
-"""PNG plots of training runs and of the memory estimator (needs matplotlib: pip install -e ".[dev]").
+"""PNG plots of training runs and of the memory estimator (needs matplotlib: pip install -e ".[plot]").
 
     python scripts/plot_metrics.py RUN [RUN ...] [--out plots]
         RUN: a dump folder (its metrics.jsonl) or a metrics.jsonl; writes loss.png, tps.png and,
@@ -17,12 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
+try:
+    import matplotlib
+except ImportError:
+    sys.exit('error: plot_metrics.py needs matplotlib, an optional extra: pip install -e ".[plot]" '
+             "(or pip install matplotlib)")
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from torchtitan_sp.config import load_config  # noqa: E402
+from torchtitan_sp.config import ConfigError, load_config  # noqa: E402
 from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, cp_strategies, default_world_size,  # noqa: E402
                                     max_seq_len, memory_options)
 from torchtitan_sp.validate import validate  # noqa: E402
@@ -104,12 +107,23 @@ def main() -> None:
     ap.add_argument("--max_seq", action="store_true")
     ap.add_argument("--gpu_mem_gib", type=float, default=DEFAULT_GPU_MEM_GIB)
     args, overrides = ap.parse_known_args()
+    for run in args.runs:
+        jsonl = run / "metrics.jsonl" if run.is_dir() else run
+        if not jsonl.is_file():
+            print(f"error: {run}: no such {'metrics.jsonl in that folder' if run.is_dir() else 'file or folder'} "
+                  "(give a run's dump folder or its metrics.jsonl)", file=sys.stderr)
+            sys.exit(2)
+    if args.max_seq:
+        try:
+            cfg = load_config(overrides or ["--config", "llama8b_cp4.toml"])
+            setup = Setup.from_config(cfg, validate(cfg, default_world_size(cfg)))
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     written = plot_runs(args.runs, args.out) if args.runs else []
     if args.max_seq:
-        cfg = load_config(overrides or ["--config", "llama8b_cp4.toml"])
-        written.append(plot_max_seq(Setup.from_config(cfg, validate(cfg, default_world_size(cfg))),
-                                    args.gpu_mem_gib, args.out))
+        written.append(plot_max_seq(setup, args.gpu_mem_gib, args.out))
     if not written:
         sys.exit("nothing to plot: give runs (dump folders or metrics.jsonl files) and/or --max_seq")
     for path in written:

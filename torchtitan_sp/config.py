@@ -422,14 +422,30 @@ def check_values(cfg: Config) -> None:
         raise ConfigError("training.dataset_path: required when training.dataset = 'files'")
 
 
-def help_text() -> str:
-    lines = ["usage: run_train.sh [--config NAME.toml] [--section.key value | --section.key=value ...]", ""]
+LAUNCHER_VARIABLES = {
+    "NGPU": "processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)",
+    "LOG_RANK": "ranks whose output is shown (default 0; e.g. 0,1)",
+    "SHUTDOWN_TIMEOUT": "seconds the workers get after SIGTERM or Ctrl-C to finish the step and save (default 300)",
+    "PYTHON": "interpreter (default: python3 of the active environment, else the project's .venv if made, else python3)",
+}
+
+
+def help_text(defaults: Config | None = None) -> str:
+    """Every key with its type, its value in `defaults` (default: the default recipe's) and its docstring."""
+    defaults = load_config([]) if defaults is None else defaults
+    recipe = Path(defaults.job.config_file).name or "no recipe"
+    lines = ["usage: run_train.sh [--config NAME.toml] [--section.key value | --section.key=value ...]",
+             f"defaults: {recipe} (--config), over the built-in values", ""]
     for sec, cls in _sections().items():
         lines.append(f"[{sec}]")
-        docs, default = field_docs(cls), cls()
+        docs, default = field_docs(cls), getattr(defaults, sec)
         for f in fields(cls):
-            lines.append(f"  --{sec}.{f.name} ({type(getattr(default, f.name)).__name__}, "
-                         f"default {getattr(default, f.name)!r}): {docs.get(f.name, '')}")
+            value = getattr(default, f.name)
+            if (sec, f.name) == ("job", "config_file"):
+                value = Path(value).name
+            lines.append(f"  --{sec}.{f.name} ({type(value).__name__}, default {value!r}): {docs.get(f.name, '')}")
+    lines.append("environment variables (run_train.sh)")
+    lines += [f"  {name}: {text}" for name, text in LAUNCHER_VARIABLES.items()]
     return "\n".join(lines)
 
 

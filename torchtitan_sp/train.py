@@ -151,8 +151,9 @@ class Trainer:
                     f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
         logger.info(f"mesh dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} "
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
-        logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "
-                    f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
+        between = f", {t.seq_len // (d.cp * d.tp)} per rank between blocks with tp" if d.tp > 1 else ""
+        logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank{between}), "
+                    f"local batch {t.local_batch_size}, "
                     f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = {self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
         self._memory_summary()

@@ -18,6 +18,7 @@ from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
 EXIT_HANDLED = 3
+NGPU_DEFAULTED = "TORCHTITAN_SP_NGPU_DEFAULTED"  # run_train.sh sets it when it chose NGPU itself
 
 
 def validate(cfg: Config, world_size: int) -> ParallelDims:
@@ -64,6 +65,9 @@ def load_and_validate(argv: list[str] | None = None, world_size: int | None = No
         cfg = load_config(argv)
         return cfg, validate(cfg, world_size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
+        if "world size" in str(e) and os.environ.get(NGPU_DEFAULTED):
+            e = ConfigError(f"{e}; NGPU was not set, so run_train.sh took {world_size} (every visible GPU, else 4 "
+                            "CPU processes): set NGPU to the world size the degrees need")
         _exit_bad_input(e)
 
 
@@ -85,7 +89,11 @@ def check_local_gpus(per_node: int, visible: int) -> None:
 def main() -> None:
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
-        print(help_text())
+        try:  # the defaults shown are those of the recipe (and overrides) given with --help
+            defaults = load_config([a for a in argv if a not in ("--help", "-h")])
+        except ConfigError as e:
+            _exit_bad_input(e)
+        print(help_text(defaults))
         sys.exit(EXIT_HANDLED)
     cfg, dims = load_and_validate(argv)
     if cfg.job.dry_run:
