@@ -26,8 +26,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from torchtitan_sp.config import ConfigError, load_config  # noqa: E402
-from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, cp_strategies, default_world_size,  # noqa: E402
-                                    max_seq_len, memory_options)
+from torchtitan_sp.estimate import (  # noqa: E402
+    DEFAULT_GPU_MEM_GIB,
+    Setup,
+    cp_strategies,
+    default_world_size,
+    max_seq_len,
+    memory_options,
+)
 from torchtitan_sp.validate import validate  # noqa: E402
 
 # metrics.jsonl key -> (file name, y-axis label)
