@@ -160,7 +160,9 @@ def test_tensorboard_shows_each_step_once_after_resume(tmp_path: Path) -> None:
     tb = ("--metrics.enable_tensorboard", "true")
     train(tmp_path, 1, *tb)
     train(tmp_path, 1, *tb, "--checkpoint.load_step", "5")
-    events = EventAccumulator(str(tmp_path / "tb"))
+    runs = list((tmp_path / "tb").iterdir())
+    assert len(runs) == 1  # the resumed run appended to the fresh run's folder
+    events = EventAccumulator(str(runs[0]))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 11))
     assert sorted(losses(tmp_path)) == list(range(1, 11))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,20 @@ def use_color(disable_color_printing: bool, stream=None) -> bool:
     return bool(getattr(stream or sys.stdout, "isatty", lambda: False)())
 
 
+def _stamp(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds).strftime("%Y%m%d-%H%M%S")
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or the first of path-2, path-3, ... (before the suffix) that does not exist."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
@@ -67,13 +83,29 @@ class MetricsLogger:
         self.jsonl = None
 
     def _open(self) -> None:
-        """At the first logged step: a run that fails before it leaves an earlier run's records as they were."""
+        """At the first logged step: a run that fails before it leaves an earlier run's records as they were.
+
+        A fresh run keeps the history of earlier ones in the folder: their metrics.jsonl is renamed to a
+        dated name, and its TensorBoard events go to a subfolder of tb/ named for its start (as TorchTitan
+        does). A resumed run appends to metrics.jsonl and to the newest TensorBoard subfolder."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.folder / "metrics.jsonl", "a" if self.first_step > 1 else "w")
+        path = self.folder / "metrics.jsonl"
+        if self.first_step == 1 and path.exists():
+            kept = _unused(self.folder / f"metrics-{_stamp(path.stat().st_mtime)}.jsonl")
+            path.rename(kept)
+            logger.info(f"a fresh run: the previous run's metrics.jsonl in {self.folder} is kept as {kept.name}")
+        self.jsonl = open(path, "a" if self.first_step > 1 else "w")
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+            tb = self.folder / "tb"
+            runs = sorted(p for p in tb.glob("*") if p.is_dir()) if tb.is_dir() else []
+            if self.first_step > 1:  # resumed: the newest run's folder (tb/ itself in the older layout)
+                log_dir = runs[-1] if runs else tb
+            else:
+                log_dir = _unused(tb / _stamp(time.time()))
+                logger.info(f"TensorBoard: {log_dir} (earlier runs' folders beside it)")
             # purge_step: a run that logged past its last checkpoint would otherwise show those steps twice.
-            self.writer = SummaryWriter(log_dir=str(self.folder / "tb"), purge_step=self.first_step)
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=self.first_step)
 
     def log(self, step: int, m: dict[str, Any]) -> None:
         if not self.active:
