@@ -3,6 +3,7 @@ run without NGPU says to set it, plot_metrics.py says what is wrong in one line.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,24 @@ def test_plot_metrics_errors_are_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr == ('error: plot_metrics.py needs matplotlib, an optional extra: '
                                               'pip install -e ".[plot]" (or pip install matplotlib)\n'), r.stderr
+
+
+def test_cpu_launch_checks_host_memory(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The README's 8B example on 4 CPU processes of a 24 GiB machine stops before allocating."""
+    from torchtitan_sp import host_memory
+    from torchtitan_sp.validate import main
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 24 * 2**30)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    argv = ["validate", "--config", "llama3_8b.toml", "--parallelism.data_parallel_shard_degree", "4",
+            "--training.seq_len=16384"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert re.match(r"error: host memory: this run needs about [\d.]+ GiB per process x 4 processes = [\d.]+ GiB, "
+                    r"but 24\.0 GiB are available; no seq_len fits this model.flavor; use fewer processes", err), err
+    monkeypatch.setattr(sys, "argv", ["validate"])  # the debug recipe fits
+    main()

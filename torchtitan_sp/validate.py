@@ -105,6 +105,9 @@ def main() -> None:
         if "NPROC_PER_NODE" in os.environ:  # set by the launch scripts; WORLD_SIZE may span several nodes
             import torch
             check_local_gpus(int(os.environ["NPROC_PER_NODE"]), torch.cuda.device_count())
+        if launch_device() == "cpu":
+            from torchtitan_sp.host_memory import check_host_memory
+            check_host_memory(cfg, dims, int(os.environ.get("NPROC_PER_NODE", dims.world_size)))
     except ConfigError as e:
         _exit_bad_input(e)
 
