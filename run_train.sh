@@ -61,8 +61,14 @@ if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 # torchrun, except that a stop by signal exits 128 + signal (143 for SIGTERM) instead of a traceback:
 # torchrun has then passed the signal on and waited up to SHUTDOWN_TIMEOUT for the workers to save.
 # Workers signalled directly save, then exit 143 (SIGTERM) or 130 (Ctrl-C) themselves: a stop, not a failure.
+# A failure: one line per failed rank, a rank killed by a signal first (SIGKILL: likely the OOM killer);
+# the tracebacks stay in each rank's error file.
 exec "$PYTHON" -c '
-import sys
+import atexit, os, shutil, sys, tempfile
+# torchrun copies the first failure'"'"'s error file here (instead of logging that the launcher has none)
+parent = tempfile.mkdtemp()
+atexit.register(shutil.rmtree, parent, True)
+os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(parent, "error.json")
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
@@ -72,9 +78,22 @@ except SignalException as e:
     sys.exit(128 + e.sigval)
 except ChildFailedError as e:
     codes = {f.exitcode for f in e.failures.values()}
-    if codes not in ({143}, {130}):
-        raise
-    sys.exit(codes.pop())
+    if codes in ({143}, {130}):
+        sys.exit(codes.pop())
+    print(f"error: the run failed on {len(e.failures)} rank(s):", file=sys.stderr)
+    for rank, f in sorted(e.failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0])):
+        if f.exitcode < 0:
+            what = f"killed by {f.signal_name()} (pid {f.pid})"
+            if f.signal_name() == "SIGKILL":
+                what += "; it may have been the out-of-memory killer (see dmesg or journalctl -k)"
+        else:
+            message = f.message["message"] if isinstance(f.message, dict) else str(f.message)
+            first_line = (message.splitlines() or [""])[0]
+            what = f"exit code {f.exitcode}: {first_line}"
+            if os.path.isfile(f.error_file):
+                what += f" (traceback: {f.error_file})"
+        print(f"  rank {rank}: {what}", file=sys.stderr)
+    sys.exit(1)
 ' --standalone --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

@@ -152,3 +152,31 @@ def test_second_ctrl_c_aborts(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = interrupt.CtrlC()  # no checkpointing: the first aborts
     with pytest.raises(KeyboardInterrupt):
         plain(signal.SIGINT, None)
+
+
+def test_a_killed_worker_is_named_first(tmp_path: Path) -> None:
+    """SIGKILL, as the out-of-memory killer sends it, to one worker: the summary names that rank and the
+    signal first, not the other rank's broken connection."""
+    code, out = stop_with_sigterm(tmp_path, to_a_worker=True, sig=signal.SIGKILL, checkpoint=False)
+    assert code == 1, out[-3000:]
+    lines = out[out.index("error: the run failed on"):].splitlines()
+    assert re.fullmatch(r"  rank \d: killed by SIGKILL \(pid \d+\); it may have been the out-of-memory killer "
+                        r"\(see dmesg or journalctl -k\)", lines[1]), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+
+
+def test_nan_loss_is_one_line_per_rank(tmp_path: Path) -> None:
+    """A NaN loss on every rank: one line per rank with its step; tracebacks only in the error files."""
+    r = subprocess.run([RUN_TRAIN, "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "3",
+                        "--optimizer.lr", "1e30", *TINY], cwd=tmp_path, env=env(NGPU="2", LOG_RANK="0,1"),
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "no error file defined" not in out, out[-3000:]
+    for rank in (0, 1):
+        worker = [ln for ln in out.splitlines() if f"error: rank {rank}, step " in ln]
+        assert len(worker) == 1 and "FloatingPointError: step " in worker[0] and "nan" in worker[0], out
+        summary = [ln for ln in r.stderr.splitlines() if ln.startswith(f"  rank {rank}: exit code 1: ")]
+        assert len(summary) == 1 and "FloatingPointError: step" in summary[0], r.stderr[-3000:]
+        error_file = summary[0].rsplit("(traceback: ", 1)[1].rstrip(")")
+        assert "Traceback" in json.loads(Path(error_file).read_text())["message"]["extraInfo"]["py_callstack"]

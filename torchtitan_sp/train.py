@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except SystemExit as e:
         return int(e.code)
+    except Exception as e:
+        e.step = trainer.step + 1  # for the one-line report in __main__
+        raise
     except KeyboardInterrupt:
         if trainer.rank == 0:
             saved = "the newest checkpoint is kept" if cfg.checkpoint.enable else "nothing saved (checkpoint.enable is off)"
@@ -379,9 +382,15 @@ if __name__ == "__main__":
         print(f"Ctrl-C: stopped before training started; exiting with code {EXIT_INTERRUPTED}", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except BaseException as e:
-        traceback.print_exc()
-        # torchrun's failure summary names the root cause from this file, also for ranks whose
-        # output LOG_RANK hides.
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:  # under torchrun: one line on the console, the traceback in this rank's error file
+            what = (str(e).splitlines() or [""])[0]
+            step = f", step {e.step}" if hasattr(e, "step") else ""
+            print(f"error: rank {os.environ.get('RANK', '0')}{step}: {type(e).__name__}: {what} "
+                  f"(traceback: {error_file})", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        # run_train.sh's failure summary reads this file, also for ranks whose output LOG_RANK hides.
         get_error_handler().record_exception(e)
         code = 1
     # Leave without interpreter finalization: a gloo worker thread can still be releasing its last
