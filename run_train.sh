@@ -6,6 +6,9 @@
 #   LOG_RANK          ranks whose output is shown (default 0; e.g. 0,1)
 #   SHUTDOWN_TIMEOUT  seconds the workers get after SIGTERM or Ctrl-C to finish the step and save a checkpoint
 #                     before they are killed (default 300); the run then exits 143
+#   NNODES            nodes (default 1). With more, run the same command with the same NNODES and
+#   RDZV_ENDPOINT     HOST:PORT on every node (c10d rendezvous: the first launcher to arrive serves it)
+#   RDZV_TIMEOUT      seconds to wait for every node to arrive (default 600)
 #   PYTHON            interpreter (default: the active environment's python3, else .venv if made, else python3)
 # Ctrl-C with checkpoint.enable: the workers finish the step, save and exit 130; a second Ctrl-C aborts.
 # Multi-node: see README ("Several nodes") and scripts/slurm_train.sh.
@@ -46,7 +49,17 @@ for r in ${LOG_RANK//,/ }; do
 done
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 [[ "$SHUTDOWN_TIMEOUT" =~ ^[0-9]+$ ]] || bad_input "SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT: must be whole seconds"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+NNODES=${NNODES:-1}
+[[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || bad_input "NNODES=$NNODES: must be a whole number >= 1 (nodes)"
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
+[[ "$RDZV_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || bad_input "RDZV_TIMEOUT=$RDZV_TIMEOUT: must be whole seconds >= 1"
+LAUNCH=(--standalone)
+if [ "$NNODES" -gt 1 ]; then
+    [[ "${RDZV_ENDPOINT:-}" =~ ^[^:]+:[0-9]+$ ]] || bad_input "RDZV_ENDPOINT=${RDZV_ENDPOINT:-}: with NNODES=$NNODES, give the rendezvous HOST:PORT (the same on every node)"
+    LAUNCH=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
+            --rdzv_conf "join_timeout=$RDZV_TIMEOUT")
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} NNODES RDZV_TIMEOUT RDZV_ENDPOINT=${RDZV_ENDPOINT:-}
 # Coloured metric lines only on a terminal (the workers' own stdout is torchrun's pipe, so they ask here).
 if [ -z "${TORCHTITAN_SP_COLOR:-}" ]; then
     if [ -t 1 ]; then export TORCHTITAN_SP_COLOR=1; else export TORCHTITAN_SP_COLOR=0; fi
@@ -54,7 +67,7 @@ fi
 
 # Validate before starting processes: bad input exits 2 with one line; --help and dry runs end here.
 rc=0
-WORLD_SIZE=$NGPU NPROC_PER_NODE=$NGPU "$PYTHON" -m torchtitan_sp.validate "$@" || rc=$?
+WORLD_SIZE=$((NGPU * NNODES)) NPROC_PER_NODE=$NGPU "$PYTHON" -m torchtitan_sp.validate "$@" || rc=$?
 if [ "$rc" -eq 3 ]; then exit 0; fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 
@@ -71,11 +84,18 @@ atexit.register(shutil.rmtree, parent, True)
 os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(parent, "error.json")
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 from torch.distributed.run import main
 try:
     main()
 except SignalException as e:
     sys.exit(128 + e.sigval)
+except RendezvousTimeoutError:
+    nnodes, endpoint, timeout = (os.environ[k] for k in ("NNODES", "RDZV_ENDPOINT", "RDZV_TIMEOUT"))
+    print(f"error: not every node arrived at the rendezvous {endpoint} within RDZV_TIMEOUT={timeout} s: run the "
+          f"same command with NNODES={nnodes} and RDZV_ENDPOINT={endpoint} on each of the {nnodes} nodes",
+          file=sys.stderr)
+    sys.exit(1)
 except ChildFailedError as e:
     codes = {f.exitcode for f in e.failures.values()}
     if codes in ({143}, {130}):
@@ -94,6 +114,6 @@ except ChildFailedError as e:
                 what += f" (traceback: {f.error_file})"
         print(f"  rank {rank}: {what}", file=sys.stderr)
     sys.exit(1)
-' --standalone --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
+' "${LAUNCH[@]}" --nproc_per_node="$NGPU" --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m torchtitan_sp.train "$@"

@@ -19,7 +19,8 @@ TINY = ["--training.seq_len", "64", "--metrics.log_freq", "1", "--metrics.enable
 
 def env(**extra: str) -> dict[str, str]:
     """This environment without the launcher's variables a developer may have set, plus `extra`."""
-    base = {k: v for k, v in os.environ.items() if k not in ("NGPU", "LOG_RANK", "SHUTDOWN_TIMEOUT")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("NGPU", "LOG_RANK", "SHUTDOWN_TIMEOUT", "NNODES", "RDZV_ENDPOINT", "RDZV_TIMEOUT")}
     return {**base, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -51,7 +52,9 @@ def test_bare_config_name_is_found_in_the_repo(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"NGPU": "0"}, {"NGPU": "abc"}, {"NGPU": "2", "LOG_RANK": "2"},
-                                 {"NGPU": "2", "LOG_RANK": "0;1"}, {"NGPU": "1", "SHUTDOWN_TIMEOUT": "5m"}])
+                                 {"NGPU": "2", "LOG_RANK": "0;1"}, {"NGPU": "1", "SHUTDOWN_TIMEOUT": "5m"},
+                                 {"NGPU": "1", "NNODES": "two"},
+                                 {"NGPU": "1", "NNODES": "2", "RDZV_ENDPOINT": "head-node"}])
 def test_bad_variable_is_one_line_and_exit_2(tmp_path: Path, bad: dict[str, str]) -> None:
     name = list(bad)[-1]
     r = subprocess.run([RUN_TRAIN, "--job.dump_folder", str(tmp_path / "d")], cwd=tmp_path, env=env(**bad),

@@ -426,6 +426,9 @@ LAUNCHER_VARIABLES = {
     "NGPU": "processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)",
     "LOG_RANK": "ranks whose output is shown (default 0; e.g. 0,1)",
     "SHUTDOWN_TIMEOUT": "seconds the workers get after SIGTERM or Ctrl-C to finish the step and save (default 300)",
+    "NNODES": "nodes (default 1); with more, run the same command on every node with the same RDZV_ENDPOINT",
+    "RDZV_ENDPOINT": "HOST:PORT of the c10d rendezvous (the first launcher to arrive serves it)",
+    "RDZV_TIMEOUT": "seconds to wait for every node to arrive (default 600)",
     "PYTHON": "interpreter (default: python3 of the active environment, else the project's .venv if made, else python3)",
 }
 
