@@ -26,15 +26,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from torchtitan_sp.config import ConfigError, load_config  # noqa: E402
-from torchtitan_sp.estimate import (  # noqa: E402
-    DEFAULT_GPU_MEM_GIB,
-    Setup,
-    cp_strategies,
-    default_world_size,
-    max_seq_len,
-    memory_options,
-)
-from torchtitan_sp.validate import validate  # noqa: E402
+
+# torchtitan_sp.estimate (and torch) are imported for --max_seq only: plotting runs needs neither.
 
 # metrics.jsonl key -> (file name, y-axis label)
 PLOTS = {"loss": ("loss.png", "loss"), "tps": ("tps.png", "tokens/s per device"),
@@ -71,8 +64,9 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     return written
 
 
-def plot_max_seq(s: Setup, gpu_mem_gib: float, out: Path) -> Path:
+def plot_max_seq(s: Setup, gpu_mem_gib: float, out: Path) -> Path:  # noqa: F821 (imported lazily)
     """Estimated longest seq_len vs cp degree, per strategy (colour) and memory option (style)."""
+    from torchtitan_sp.estimate import cp_strategies, max_seq_len, memory_options
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "--", ":", "-."]
     colours = {"ring": "tab:blue", "ulysses": "tab:orange", "usp": "tab:green",
@@ -111,7 +105,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, default=Path("plots"))
     ap.add_argument("--max_seq", action="store_true")
-    ap.add_argument("--gpu_mem_gib", type=float, default=DEFAULT_GPU_MEM_GIB)
+    ap.add_argument("--gpu_mem_gib", type=float, default=None, help="default: the estimator's (79)")
     args, overrides = ap.parse_known_args()
     for run in args.runs:
         jsonl = run / "metrics.jsonl" if run.is_dir() else run
@@ -120,6 +114,10 @@ def main() -> None:
                   "(give a run's dump folder or its metrics.jsonl)", file=sys.stderr)
             sys.exit(2)
     if args.max_seq:
+        from torchtitan_sp.estimate import DEFAULT_GPU_MEM_GIB, Setup, default_world_size
+        from torchtitan_sp.validate import validate
+        if args.gpu_mem_gib is None:
+            args.gpu_mem_gib = DEFAULT_GPU_MEM_GIB
         try:
             cfg = load_config(overrides or ["--config", "llama8b_cp4.toml"])
             setup = Setup.from_config(cfg, validate(cfg, default_world_size(cfg)))
