@@ -55,7 +55,8 @@ RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}
 [[ "$RDZV_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || bad_input "RDZV_TIMEOUT=$RDZV_TIMEOUT: must be whole seconds >= 1"
 LAUNCH=(--standalone)
 if [ "$NNODES" -gt 1 ]; then
-    [[ "${RDZV_ENDPOINT:-}" =~ ^[^:]+:[0-9]+$ ]] || bad_input "RDZV_ENDPOINT=${RDZV_ENDPOINT:-}: with NNODES=$NNODES, give the rendezvous HOST:PORT (the same on every node)"
+    [[ "${RDZV_ENDPOINT:-}" =~ ^[^:]+:[0-9]+$ ]] ||
+        bad_input "RDZV_ENDPOINT=${RDZV_ENDPOINT:-}: with NNODES=$NNODES, give HOST:PORT of the rendezvous (same on all nodes)"
     LAUNCH=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
             --rdzv_conf "join_timeout=$RDZV_TIMEOUT")
 fi

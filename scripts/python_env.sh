@@ -29,7 +29,8 @@ pip_install() {
     "$PYTHON" -m pip install --progress-bar off "$@" 2>&1 | tee "$log" >&2
     status=${PIPESTATUS[0]}
     set -e
-    if [ "$status" -ne 0 ] && grep -q "externally-managed-environment" "$log" && [ "$PYTHON" != "$VENV/bin/python" ]; then
+    if [ "$status" -ne 0 ] && grep -q "externally-managed-environment" "$log" &&
+            [ "$PYTHON" != "$VENV/bin/python" ]; then
         say "$PYTHON is externally managed (PEP 668): creating $VENV (the system's packages stay visible) and" \
             "installing there; later runs reuse it. To use an environment of your own, activate it or set PYTHON."
         "$PYTHON" -m venv --system-site-packages "$VENV"

@@ -187,7 +187,8 @@ STATIC: dict[str, Callable[[Any, Any], Any]] = {
     "model": lambda cfg, dims: model_args(cfg.model.flavor, cfg.model.n_layers),
     "dims": lambda cfg, dims: (astuple(dims), dims.grad_accum_steps(cfg)),
     "optimizer": _optimizer,
-    "schedule": lambda cfg, dims: [lr_factor(s, cfg.training.steps, cfg.lr_scheduler) for s in range(cfg.training.steps)],
+    "schedule": lambda cfg, dims: [lr_factor(s, cfg.training.steps, cfg.lr_scheduler)
+                                   for s in range(cfg.training.steps)],
     "batch": _first_batch,
     "dry_run": _dry_run_text,
     "cp_layout": lambda cfg, dims: shard_sequence(torch.arange(cfg.training.seq_len)[None], 0, dims.cp,

@@ -429,7 +429,7 @@ LAUNCHER_VARIABLES = {
     "NNODES": "nodes (default 1); with more, run the same command on every node with the same RDZV_ENDPOINT",
     "RDZV_ENDPOINT": "HOST:PORT of the c10d rendezvous (the first launcher to arrive serves it)",
     "RDZV_TIMEOUT": "seconds to wait for every node to arrive (default 600)",
-    "PYTHON": "interpreter (default: python3 of the active environment, else the project's .venv if made, else python3)",
+    "PYTHON": "interpreter (default: the active environment's python3, else the project's .venv if made, else python3)",
 }
 
 

@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         if trainer.rank == 0:
-            saved = "the newest checkpoint is kept" if cfg.checkpoint.enable else "nothing saved (checkpoint.enable is off)"
+            saved = ("the newest checkpoint is kept" if cfg.checkpoint.enable
+                     else "nothing saved (checkpoint.enable is off)")
             logger.warning(f"Ctrl-C: stopped during step {trainer.step + 1}; {saved}; exiting with code "
                            f"{EXIT_INTERRUPTED}")
         return EXIT_INTERRUPTED
