@@ -33,7 +33,9 @@ pip_install() {
             [ "$PYTHON" != "$VENV/bin/python" ]; then
         say "$PYTHON is externally managed (PEP 668): creating $VENV (the system's packages stay visible) and" \
             "installing there; later runs reuse it. To use an environment of your own, activate it or set PYTHON."
-        "$PYTHON" -m venv --system-site-packages "$VENV"
+        # Without pip of its own: the system's pip (it just answered) is visible there and installs into it;
+        # this also works where the distribution splits ensurepip off (Debian's python3-venv).
+        "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
         PYTHON="$VENV/bin/python"
         if [ -n "$imports" ] && "$PYTHON" -c "import $imports" 2>/dev/null; then
             status=0  # the system's packages already provide them
