@@ -29,13 +29,17 @@ pip_install() {
     "$PYTHON" -m pip install --progress-bar off "$@" 2>&1 | tee "$log" >&2
     status=${PIPESTATUS[0]}
     set -e
-    if [ "$status" -ne 0 ] && grep -q "externally-managed-environment" "$log" &&
+    if [ "$status" -ne 0 ] && grep -qE "externally-managed-environment|No module named pip" "$log" &&
             [ "$PYTHON" != "$VENV/bin/python" ]; then
-        say "$PYTHON is externally managed (PEP 668): creating $VENV (the system's packages stay visible) and" \
+        # Normally without a pip of its own: the system's pip (it just answered) is visible there and installs
+        # into it; this also works where the distribution splits ensurepip off (Debian's python3-venv).
+        local why_venv="is externally managed (PEP 668)" venv_args=(--system-site-packages --without-pip)
+        if grep -q "No module named pip" "$log"; then
+            why_venv="has no pip" venv_args=(--system-site-packages)  # the venv brings its own (ensurepip)
+        fi
+        say "$PYTHON $why_venv: creating $VENV (the system's packages stay visible) and" \
             "installing there; later runs reuse it. To use an environment of your own, activate it or set PYTHON."
-        # Without pip of its own: the system's pip (it just answered) is visible there and installs into it;
-        # this also works where the distribution splits ensurepip off (Debian's python3-venv).
-        "$PYTHON" -m venv --system-site-packages --without-pip "$VENV"
+        "$PYTHON" -m venv "${venv_args[@]}" "$VENV"
         PYTHON="$VENV/bin/python"
         if [ -n "$imports" ] && "$PYTHON" -c "import $imports" 2>/dev/null; then
             status=0  # the system's packages already provide them
