@@ -173,7 +173,7 @@ class Metrics:
     enable_tensorboard: bool = True
     """Write TensorBoard event files under <dump_folder>/tb."""
     disable_color_printing: bool = False
-    """Plain console lines."""
+    """Plain console lines also on a terminal (colour is only used when run_train.sh's output is one)."""
 
 
 @dataclass
