@@ -1,4 +1,4 @@
-"""PNG plots of training runs and of the memory estimator (needs matplotlib: pip install -e ".[dev]").
+"""PNG plots of training runs and of the memory estimator (needs matplotlib: pip install -e ".[plot]").
 
     python scripts/plot_metrics.py RUN [RUN ...] [--out plots]
         RUN: a dump folder (its metrics.jsonl) or a metrics.jsonl; writes loss.png, tps.png and,
@@ -17,16 +17,17 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
+try:
+    import matplotlib
+except ImportError:
+    sys.exit('error: plot_metrics.py needs matplotlib, an optional extra: pip install -e ".[plot]" '
+             "(or pip install matplotlib)")
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from torchtitan_sp.config import load_config  # noqa: E402
-from torchtitan_sp.estimate import default_world_size  # noqa: E402
-from torchtitan_sp.memory_model import Setup, max_seq_len  # noqa: E402
-from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, cp_strategies, memory_options  # noqa: E402
-from torchtitan_sp.rules import validate  # noqa: E402
+from torchtitan_sp.config import ConfigError, load_config  # noqa: E402
+
+# torchtitan_sp.estimate (and torch) are imported for --max_seq only: plotting runs needs neither.
 
 # metrics.jsonl key -> (file name, y-axis label)
 PLOTS = {"loss": ("loss.png", "loss"), "tps": ("tps.png", "tokens/s per device"),
@@ -63,8 +64,10 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
     return written
 
 
-def plot_max_seq(s: Setup, gpu_mem_gib: float, out: Path) -> Path:
+def plot_max_seq(s: Setup, gpu_mem_gib: float, out: Path) -> Path:  # noqa: F821 (imported lazily)
     """Estimated longest seq_len vs cp degree, per strategy (colour) and memory option (style)."""
+    from torchtitan_sp.memory_model import max_seq_len
+    from torchtitan_sp.memory_report import cp_strategies, memory_options
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "--", ":", "-."]
     colours = {"ring": "tab:blue", "ulysses": "tab:orange", "usp": "tab:green",
@@ -103,14 +106,31 @@ def main() -> None:
     ap.add_argument("runs", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, default=Path("plots"))
     ap.add_argument("--max_seq", action="store_true")
-    ap.add_argument("--gpu_mem_gib", type=float, default=DEFAULT_GPU_MEM_GIB)
+    ap.add_argument("--gpu_mem_gib", type=float, default=None, help="default: the estimator's (79)")
     args, overrides = ap.parse_known_args()
+    for run in args.runs:
+        jsonl = run / "metrics.jsonl" if run.is_dir() else run
+        if not jsonl.is_file():
+            print(f"error: {run}: no such {'metrics.jsonl in that folder' if run.is_dir() else 'file or folder'} "
+                  "(give a run's dump folder or its metrics.jsonl)", file=sys.stderr)
+            sys.exit(2)
+    if args.max_seq:
+        from torchtitan_sp.estimate import default_world_size
+        from torchtitan_sp.memory_model import Setup
+        from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB
+        from torchtitan_sp.rules import validate
+        if args.gpu_mem_gib is None:
+            args.gpu_mem_gib = DEFAULT_GPU_MEM_GIB
+        try:
+            cfg = load_config(overrides or ["--config", "llama8b_cp4.toml"])
+            setup = Setup.from_config(cfg, validate(cfg, default_world_size(cfg)))
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     written = plot_runs(args.runs, args.out) if args.runs else []
     if args.max_seq:
-        cfg = load_config(overrides or ["--config", "llama8b_cp4.toml"])
-        written.append(plot_max_seq(Setup.from_config(cfg, validate(cfg, default_world_size(cfg))),
-                                    args.gpu_mem_gib, args.out))
+        written.append(plot_max_seq(setup, args.gpu_mem_gib, args.out))
     if not written:
         sys.exit("nothing to plot: give runs (dump folders or metrics.jsonl files) and/or --max_seq")
     for path in written:

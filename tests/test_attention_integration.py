@@ -19,7 +19,7 @@ from torchtitan_sp.attention.sharding import shard_sequence, unshard_sequence
 from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights
 
 TOL = 1e-5
-# (strategy, ulysses degree, packed documents, compile backend or None)
+# (strategy, ulysses degree, packed documents, compile backend or None[, KV heads instead of the flavor's 4])
 SETUPS = [
     ("ring", 1, False, None),
     ("ulysses", 1, True, None),
@@ -32,12 +32,16 @@ SETUPS = [
     ("ulysses", 1, True, "aot_eager"),
     ("ring", 1, True, "aot_eager"),  # packed documents: allgather's pieces, eager inside the compiled block
     ("usp", 1, True, None),
+    # Ulysses degree > KV heads (GQA 8:1): each rank's head shard needs the one KV head replicated.
+    ("ulysses", 1, False, None, 1),
+    ("ulysses", 1, True, None, 1),
 ]
 
 
 def _name(setup: tuple) -> str:
-    strategy, u, docs, backend = setup
-    return f"{strategy}-u{u}" + ("-docs" if docs else "") + (f"-compiled_{backend}" if backend else "")
+    strategy, u, docs, backend, *kv = setup
+    return (f"{strategy}-u{u}" + ("-docs" if docs else "") + (f"-compiled_{backend}" if backend else "")
+            + (f"-kv{kv[0]}" if kv else ""))
 
 
 def _batch(seed: int, seq_len: int, vocab: int, docs: bool):
@@ -56,11 +60,11 @@ def _batch(seed: int, seq_len: int, vocab: int, docs: bool):
 def _worker(rank: int, world: int) -> dict[str, float]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
     cp_mesh, cp_rank, dp_rank = mesh["cp"], mesh["cp"].get_local_rank(), mesh["dp"].get_local_rank()
-    args = FLAVORS["debug"]
-    args = type(args)(**{**args.__dict__, "n_layers": 1})
+    flavor = FLAVORS["debug"]
     seq_len, results = 32, {}
     for setup in SETUPS:
-        strategy, u, docs, backend = setup
+        strategy, u, docs, backend, *kv = setup
+        args = type(flavor)(**{**flavor.__dict__, "n_layers": 1, "n_kv_heads": kv[0] if kv else flavor.n_kv_heads})
         tokens, positions, doc_ids = _batch(100 + dp_rank, seq_len, args.vocab_size, docs)
         ref_model = Transformer(args)
         init_weights(ref_model, seed=0)

@@ -156,6 +156,16 @@ def test_packing_whole_conversations_and_truncation(tmp_path: Path, caplog) -> N
             assert (alone["labels"] == IGNORE_INDEX).all() and (alone["document_ids"][:seq - 1] == 0).all()
 
 
+def test_dropping_every_conversation_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """truncation = drop with every conversation of a rank longer than seq_len used to spin through
+    epochs forever; a whole epoch that keeps nothing is one line naming both keys."""
+    path = write_chats(tmp_path / "c.jsonl", [qa("long " * 100, "x"), qa("longer " * 120, "y")])
+    ds = build_dataset(chat_config(path, "--training.seq_len", "64"), 0, 1)
+    with pytest.raises(DataError, match=r"^training.truncation = drop: every conversation of data-parallel rank 0 "
+                                        r"is longer than training.seq_len 64; set training.truncation = right"):
+        next(iter(ds))
+
+
 def test_chat_resume_is_exact(tmp_path: Path) -> None:
     convs = [qa(f"question {i} " + "w " * (i % 5), f"answer {i}") for i in range(9)]
     cfg = chat_config(write_chats(tmp_path / "c.jsonl", convs), "--training.seq_len", "160",
@@ -236,7 +246,7 @@ def test_prompt_masking_is_what_makes_the_reply_learnable(tmp_path: Path, monkey
     corpus = write_chats(tmp_path / "letters.jsonl", random_letter_chats(200))
     common = ["--training.dataset", "chat", "--training.dataset_path", str(corpus), "--training.seq_len", "128",
               "--training.local_batch_size", "1", "--training.steps", "15", "--optimizer.lr", "1e-2",
-              "--lr_scheduler.decay_type", "none"]
+              "--lr_scheduler.decay_type", "none", "--lr_scheduler.min_lr_factor", "0"]
     everything = ["--training.train_on_prompt", "true"]
     masked, unmasked = train_here(monkeypatch, [tiny_args(tmp_path / "masked", *common),
                                                 tiny_args(tmp_path / "all", *common, *everything)])

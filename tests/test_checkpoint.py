@@ -38,6 +38,7 @@ TIMEOUT = 5  # comm.train_timeout_seconds of these runs
 COMMON = ["--training.seq_len", "64", "--training.local_batch_size", "1", "--training.global_batch_size", "4",
           "--training.steps", "10", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
           "--metrics.disable_color_printing", "--lr_scheduler.warmup_steps", "8", "--lr_scheduler.decay_type", "none",
+          "--lr_scheduler.min_lr_factor", "0",  # no decay: the recipe's floor would be ignored (an error)
           "--checkpoint.enable", "--checkpoint.interval", "5", "--comm.train_timeout_seconds", str(TIMEOUT),
           "--comm.checkpoint_timeout_seconds", str(TIMEOUT)]
 
@@ -131,6 +132,14 @@ def test_resume_matches_uninterrupted_run(reference: Path, tmp_path: Path) -> No
     assert sorted(got) == list(range(1, 11))  # appended after the first run's records
     assert_close(got, losses(reference), range(1, 11), 1e-6)  # model, optimizer, lr, data order
     assert checkpoints(tmp_path) == ["step-10"]  # keep_latest_k
+    # every logged field but the timings: tokens_seen restored, the lr schedule and the max at its step
+    logged = {d: {r["step"]: r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+              for d in (tmp_path, reference)}
+    for step in range(1, 11):
+        got, want = logged[tmp_path][step], logged[reference][step]
+        assert got["tokens_seen"] == want["tokens_seen"], step
+        for key in ("loss", "loss_max", "grad_norm", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (step, key)
 
 
 def test_text_stream_continues_on_another_dp_degree(tmp_path: Path) -> None:
@@ -151,7 +160,9 @@ def test_tensorboard_shows_each_step_once_after_resume(tmp_path: Path) -> None:
     tb = ("--metrics.enable_tensorboard", "true")
     train(tmp_path, 1, *tb)
     train(tmp_path, 1, *tb, "--checkpoint.load_step", "5")
-    events = EventAccumulator(str(tmp_path / "tb"))
+    runs = list((tmp_path / "tb").iterdir())
+    assert len(runs) == 1  # the resumed run appended to the fresh run's folder
+    events = EventAccumulator(str(runs[0]))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 11))
     assert sorted(losses(tmp_path)) == list(range(1, 11))

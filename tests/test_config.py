@@ -168,6 +168,7 @@ def test_fp32_ring_on_gpus_is_one_line(monkeypatch):
 def test_several_nodes_validate_against_the_gpus_per_node(monkeypatch, capsys):
     """slurm_train.sh validates WORLD_SIZE = nodes x GPUS_PER_NODE on a node that sees GPUS_PER_NODE GPUs."""
     monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a GPU node: no CPU host-memory check
     argv = ["validate", "--config", "llama8b_cp4.toml", "--parallelism.data_parallel_shard_degree", "8"]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("WORLD_SIZE", "32")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import run_distributed
+from tests.test_logged_values import check_first_step, check_tps
 from tests.test_train import assert_close, losses
 from tests.trainer_utils import read_metrics, tiny_args, train
 
@@ -34,10 +35,18 @@ def reference(tmp_path_factory) -> list[dict]:
          "--parallelism.context_parallel_load_balancer", "none"]),
 ], ids=["cp4-ring", "dp2cp2-ring-alltoall", "dp2cp2-ulysses", "cp4-usp2x2", "cp2-allgather-contiguous"])
 def test_cp_matches_single_process(tmp_path, reference, world, extra):
-    metrics = run_distributed(train, world, tiny_args(tmp_path, *extra))[0]
+    argv = tiny_args(tmp_path, *extra)
+    metrics = run_distributed(train, world, argv)[0]
     assert_close(losses(metrics), losses(reference), 1e-5)
     assert_close([m["grad_norm"] for m in metrics], [m["grad_norm"] for m in reference], 1e-4)
     assert [m["tokens_seen"] for m in metrics] == [m["tokens_seen"] for m in reference]
+    dp = world // int(extra[extra.index("--parallelism.context_parallel_degree") + 1])
+    if dp == 1:  # the only data-parallel group is the worst one: its cp ranks' shares summed
+        assert all(m["loss_max"] == pytest.approx(m["loss"], rel=1e-9) for m in metrics)
+    else:  # the worse group's own mean, computed on one process
+        check_first_step(metrics, argv, dp)
+    lbs = int(extra[extra.index("--training.local_batch_size") + 1])
+    check_tps(metrics, lbs * 64 * dp, world)
 
 
 def test_cpu_offload_matches_single_process(tmp_path, reference):

@@ -104,7 +104,8 @@ def test_mixture_training_resume_reproduces_losses_and_counts_tokens(tmp_path: P
         (tmp_path / word).mkdir()
         write_words(tmp_path / word / "d.jsonl", word, 40)
     data = ["--training.dataset", "files", "--training.dataset_path", f"{tmp_path}/alpha:0.7,{tmp_path}/beta:0.3",
-            "--training.steps", "6", "--lr_scheduler.decay_type", "none"]  # the schedule must not depend on steps
+            "--training.steps", "6", "--lr_scheduler.decay_type", "none",  # the schedule must not depend on steps
+            "--lr_scheduler.min_lr_factor", "0"]
     ckpt = ["--checkpoint.enable", "true", "--checkpoint.interval", "3"]
     whole, first, resumed = train_here(monkeypatch, [tiny_args(tmp_path / "whole", *data),
                                                      tiny_args(tmp_path / "cut", *data, *ckpt, "--training.steps", "3"),
@@ -201,7 +202,7 @@ def test_validate_exits_2_naming_both_keys(tmp_path: Path, capsys) -> None:
         load_and_validate(["--config", "", "--training.dataset_path", str(tmp_path)], world_size=1)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
-    assert "training.dataset_path" in err and "training.dataset = 'synthetic'" in err
+    assert err.startswith("error: training.dataset_path = ") and "without training.dataset = 'files' or 'chat'" in err
 
 
 def test_start_up_summary_names_the_data(tmp_path: Path) -> None:

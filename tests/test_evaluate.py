@@ -65,12 +65,14 @@ def passkey_model(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-def common(tmp: Path) -> list[str]:
-    return ["--training.seq_len", "64", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
-            "--metrics.enable_tensorboard", "false", "--validation.enable", "true",
-            "--validation.dataset_path", str(tmp / "heldout.jsonl"), "--validation.seq_len", "256",
-            "--validation.local_batch_size", "2", "--passkey.lengths", "48,64", "--passkey.depths", "0,0.5,1",
-            "--passkey.digits", "1", "--passkey.trials", "4"]
+def common(tmp: Path, validation: bool = True) -> list[str]:
+    """Every run's keys; without validation none of its keys (set alone, they are rejected)."""
+    train = ["--training.seq_len", "64", "--training.local_batch_size", "2", "--metrics.log_freq", "1",
+             "--metrics.enable_tensorboard", "false"]
+    return train + validation * [
+        "--validation.enable", "true", "--validation.dataset_path", str(tmp / "heldout.jsonl"),
+        "--validation.seq_len", "256", "--validation.local_batch_size", "2", "--passkey.lengths", "48,64",
+        "--passkey.depths", "0,0.5,1", "--passkey.digits", "1", "--passkey.trials", "4"]
 
 
 def run_all(rank: int, world: int, tmp: str, runs: dict[str, list[str]]) -> dict[str, list[dict]]:
@@ -79,7 +81,8 @@ def run_all(rank: int, world: int, tmp: str, runs: dict[str, list[str]]) -> dict
     or holding a gradient."""
     out: dict = {"kept": []}
     for name, argv in runs.items():
-        cfg = load_config([*common(Path(tmp)), "--job.dump_folder", f"{tmp}/{name}", *argv])
+        cfg = load_config([*common(Path(tmp), validation=name != "train_off"), "--job.dump_folder", f"{tmp}/{name}",
+                           *argv])
         trainer = Trainer(cfg, validate(cfg, world))
         trainer.train()
         if any(not isinstance(p, DTensor) or p.grad is not None for p in trainer.model.parameters()):
@@ -150,7 +153,8 @@ def test_reference_and_passkey(setup):
     saved = json.loads((tmp / "ref/passkey/passkey.json").read_text())
     assert saved["accuracy"] == row["passkey_accuracy"] and saved["step"] == 0
     check_png((tmp / "ref/passkey/passkey.png").read_bytes())
-    events = EventAccumulator(str(tmp / "ref/tb"), size_guidance={"images": 1})
+    (run,) = (tmp / "ref/tb").iterdir()  # one run subfolder per fresh start
+    events = EventAccumulator(str(run), size_guidance={"images": 1})
     events.Reload()
     assert {"val/loss", "val/ppl", "val/loss_by_position/0000128"} <= set(events.Tags()["scalars"])
     assert events.Images("val/passkey")[0].encoded_image_string == (tmp / "ref/passkey/passkey.png").read_bytes()
@@ -182,9 +186,11 @@ def test_parallel_equals_one_process(setup):
             "usp": [*load, *cp, "usp", "--parallelism.context_parallel_ulysses_degree", "2"],
             "dp2": load, "tp2": [*load, "--parallelism.tensor_parallel_degree", "2"]}
     train = ["--training.steps", "4", "--parallelism.context_parallel_degree", "2", "--training.dataset", "files",
-             "--training.dataset_path", str(tmp / "heldout.jsonl"), "--passkey.lengths", ""]
-    runs["train_off"] = [*train, "--validation.enable", "false"]
-    runs["train_on"] = [*train, "--validation.freq", "2", "--validation.steps", "2"]
+             "--training.dataset_path", str(tmp / "heldout.jsonl")]
+    runs["train_off"] = train  # run_all leaves the validation keys out
+    runs["train_on"] = [*train, "--passkey.lengths", "", "--passkey.depths", "0,0.25,0.5,0.75,1",
+                        "--passkey.digits", "5", "--passkey.trials", "4", "--validation.freq", "2",
+                        "--validation.steps", "2"]
     got = run_distributed(run_all, 2, str(tmp), runs)[0]
     assert got["kept"] == [], got["kept"]  # nothing of an evaluation stays in memory
     (want,) = ref["ref"]
@@ -206,9 +212,10 @@ def test_parallel_equals_one_process(setup):
     (["--passkey.lengths", "50"], "passkey.lengths: 50 is not divisible by 2 x cp x tp = 4"),
     (["--passkey.depths", "0,1.5"], "passkey.depths: 1.5 is outside 0..1"),
     (["--passkey.lengths", "16"], "passkey.lengths: 16 tokens cannot hold the key"),
-    (["--validation.enable", "false", "--validation.eval_only", "true", "--passkey.lengths", ""],
-     "validation.eval_only: needs validation.enable = true"),
-    (["--validation.dataset", "synthetic"], "validation.steps: -1 (the whole set) needs a finite dataset"),
+    (["--validation.enable", "false", "--validation.eval_only", "true"],
+     "validation.eval_only = true has no effect without validation.enable = true"),
+    (["--validation.dataset", "synthetic", "--validation.dataset_path", ""],
+     "validation.steps: -1 (the whole set) needs a finite dataset"),
 ])
 def test_bad_input(tmp_path, capsys, extra, message):
     corpus(tmp_path)

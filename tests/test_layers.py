@@ -15,7 +15,8 @@ LAYERS = {
     "models": 1, "attention": 1,  # one rank's math: the Llama model, attention kernels and strategies
     "parallel_dims": 2, "parallelize": 2, "loss": 2, "optim": 2, "data": 2, "metrics": 2,  # components
     "memory_model": 2, "memory_measure": 2, "checkpoint_files": 2, "evaluate": 2, "passkey": 2,
-    "rules": 3, "memory_report": 3,  # checks of a whole config; the estimator's tables
+    "meaningful": 2, "interrupt": 2, "progress": 2,
+    "rules": 3, "memory_report": 3, "host_memory": 3,  # checks of a whole config; the estimator's tables
     "checkpoint": 4,  # CheckpointManager: saves what the trainer hands it
     "train": 5,  # the Trainer and its loop
     "validate": 6, "dry_run": 6, "estimate": 6, "generate": 6,  # entry points: launcher, dry run, estimator, sampling

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def test_run_train_sh_end_to_end_and_tensorboard(tmp_path):
     tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(dump), "--host", "127.0.0.1",
                            "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=tb&tag=loss"
+        run = urllib.parse.quote(f"tb/{next((dump / 'tb').iterdir()).name}", safe="")  # tb/<start time>
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run={run}&tag=loss"
         deadline, data = time.time() + 60, None
         while time.time() < deadline:
             try:

@@ -55,6 +55,8 @@ from torchtitan_sp.checkpoint_files import complete_checkpoints, resume_path
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.sources import MIXTURE_STATE, mixture_resume_after
 from torchtitan_sp.data.text import Cursor, resume_after
+from torchtitan_sp.interrupt import CTRL_C, EXIT_INTERRUPTED
+from torchtitan_sp.interrupt import install as install_ctrl_c
 
 logger = logging.getLogger("torchtitan_sp")
 
@@ -118,6 +120,8 @@ class CheckpointManager:
         self.prev_handler: Any = None
         if self.watch_sigterm:
             self.prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            CTRL_C.defer = True  # the first Ctrl-C stops after the step, with a checkpoint, too
+            install_ctrl_c()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True  # acted on at the end of the current step, on all ranks together
@@ -237,23 +241,31 @@ class CheckpointManager:
         """After each step: save on the interval, at the last step and on SIGTERM (then exit)."""
         if self.pending is not None and self.pending[0].done():
             self._wait()  # publish a finished async save promptly
-        stop = self._sigterm_agreed() and not last  # at the last step the run simply ends
+        signum = self._stop_agreed()
+        stop = bool(signum) and not last  # at the last step the run simply ends
         if self.ck.enable and (last or stop or step % self.ck.interval == 0):
             self.save(step)
         if last and self.ck.export_final:
             self.export()
         if stop:
             self._wait()
-            logger.warning(f"SIGTERM: saved step-{step}; exiting with code {EXIT_SIGTERM}")
-            raise SystemExit(EXIT_SIGTERM)
+            if signum == signal.SIGTERM:
+                logger.warning(f"SIGTERM: saved step-{step}; exiting with code {EXIT_SIGTERM}")
+                raise SystemExit(EXIT_SIGTERM)
+            if self.rank == 0:
+                logger.warning(f"Ctrl-C: saved step-{step} in {self.folder}; exiting with code {EXIT_INTERRUPTED} "
+                               "(the same command resumes there)")
+            raise SystemExit(EXIT_INTERRUPTED)
 
-    def _sigterm_agreed(self) -> bool:
-        """True on every rank if any rank got SIGTERM: all must save the same step, together."""
+    def _stop_agreed(self) -> int:
+        """The stop signal (SIGTERM, else SIGINT) if any rank got one, on every rank: all must save the
+        same step, together; 0 for none."""
         if not self.watch_sigterm:
-            return False
-        flag = torch.tensor([float(self.sigterm)], device=self.device)
+            return 0
+        mine = signal.SIGTERM if self.sigterm else signal.SIGINT if CTRL_C.requested else 0
+        flag = torch.tensor([float(mine)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def save(self, step: int) -> None:
         self._wait()  # one save in flight at a time

@@ -81,7 +81,7 @@ class LRScheduler:
     decay_type: str = "linear"
     """Decay after warmup: linear | cosine | none."""
     min_lr_factor: float = 0.0
-    """The last step's lr as a fraction of lr (linear/cosine decay; ignored with none)."""
+    """The last step's lr as a fraction of lr (linear/cosine decay only)."""
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Metrics:
     enable_tensorboard: bool = True
     """Write TensorBoard event files under <dump_folder>/tb."""
     disable_color_printing: bool = False
-    """Plain console lines."""
+    """Plain console lines also on a terminal (colour is only used when run_train.sh's output is one)."""
 
 
 @dataclass
@@ -201,7 +201,7 @@ class Checkpoint:
     export_final: bool = False
     """After the last step, write the model weights alone to <folder>/model.pt."""
     save_on_sigterm: bool = True
-    """On SIGTERM, save a checkpoint before exiting."""
+    """On SIGTERM or Ctrl-C (SIGINT), finish the step and save a checkpoint before exiting (143 / 130)."""
 
 
 @dataclass
@@ -467,14 +467,33 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"training.dataset_path: required when training.dataset = {t.dataset!r}")
 
 
-def help_text() -> str:
-    lines = ["usage: run_train.sh [--config NAME.toml] [--section.key value | --section.key=value ...]", ""]
+LAUNCHER_VARIABLES = {
+    "NGPU": "processes to start (default: every visible GPU; with none, 4 CPU processes over gloo)",
+    "LOG_RANK": "ranks whose output is shown (default 0; e.g. 0,1)",
+    "SHUTDOWN_TIMEOUT": "seconds the workers get after SIGTERM or Ctrl-C to finish the step and save (default 300)",
+    "NNODES": "nodes (default 1); with more, run the same command on every node with the same RDZV_ENDPOINT",
+    "RDZV_ENDPOINT": "HOST:PORT of the c10d rendezvous (the first launcher to arrive serves it)",
+    "RDZV_TIMEOUT": "seconds to wait for every node to arrive (default 600)",
+    "PYTHON": "interpreter (default: the active environment's python3, else the project's .venv if made, else python3)",
+}
+
+
+def help_text(defaults: Config | None = None) -> str:
+    """Every key with its type, its value in `defaults` (default: the default recipe's) and its docstring."""
+    defaults = load_config([]) if defaults is None else defaults
+    recipe = Path(defaults.job.config_file).name or "no recipe"
+    lines = ["usage: run_train.sh [--config NAME.toml] [--section.key value | --section.key=value ...]",
+             f"defaults: {recipe} (--config), over the built-in values", ""]
     for sec, cls in _sections().items():
         lines.append(f"[{sec}]")
-        docs, default = field_docs(cls), cls()
+        docs, default = field_docs(cls), getattr(defaults, sec)
         for f in fields(cls):
-            lines.append(f"  --{sec}.{f.name} ({type(getattr(default, f.name)).__name__}, "
-                         f"default {getattr(default, f.name)!r}): {docs.get(f.name, '')}")
+            value = getattr(default, f.name)
+            if (sec, f.name) == ("job", "config_file"):
+                value = Path(value).name
+            lines.append(f"  --{sec}.{f.name} ({type(value).__name__}, default {value!r}): {docs.get(f.name, '')}")
+    lines.append("environment variables (run_train.sh)")
+    lines += [f"  {name}: {text}" for name, text in LAUNCHER_VARIABLES.items()]
     return "\n".join(lines)
 
 

@@ -154,11 +154,7 @@ def check_evaluation(cfg: Config, dims: ParallelDims) -> None:
                                ("passkey.digits", pk.digits, 1 <= pk.digits <= 30, "in 1..30")):
         if not ok:
             raise ConfigError(f"{key}: must be {rule}, got {val}")
-    if v.eval_only and not v.enable:
-        raise ConfigError("validation.eval_only: needs validation.enable = true")
-    if pk.lengths and not v.enable:
-        raise ConfigError("passkey.lengths: the passkey probe runs with validation; set validation.enable = true")
-    if not v.enable:
+    if not v.enable:  # keys set without it are meaningful.RULES' errors
         return
     if v.dataset == "synthetic" and v.steps == -1:
         raise ConfigError("validation.steps: -1 (the whole set) needs a finite dataset; the synthetic stream "
@@ -186,6 +182,21 @@ def check_evaluation(cfg: Config, dims: ParallelDims) -> None:
                                   f"({least} tokens at least with passkey.digits {pk.digits})")
 
 
+def describe_evaluation(cfg: Config) -> str:
+    """What validation and the passkey probe will do, in one line ("" when validation is off)."""
+    v, pk = cfg.validation, cfg.passkey
+    if not v.enable:
+        return ""
+    when = "once, on the starting weights (eval_only)" if v.eval_only else f"every {v.freq} steps and after the last"
+    line = (f"validation: {v.dataset} {v.dataset_path}".rstrip() + f", seq_len {val_seq_len(cfg)}, "
+            f"{'the whole set' if v.steps == -1 else f'{v.steps} batches'} of {v.local_batch_size} per dp rank, "
+            + when)
+    if pk.lengths:
+        line += (f"; passkey lengths {pk.lengths} x depths {pk.depths}, {pk.trials} trials per cell, "
+                 f"{pk.digits}-digit keys")
+    return line
+
+
 class Evaluator:
     """Runs validation (and the passkey probe) on the trainer's model and logs the metrics."""
 
@@ -199,11 +210,7 @@ class Evaluator:
         self.passkey = None
         if self.cfg.passkey.lengths:
             self.passkey = PasskeyProbe(self, validation_texts(self.cfg))
-        v = self.cfg.validation
-        logger.info(f"validation: {v.dataset} {v.dataset_path}".rstrip() + f", seq_len {self.seq_len}, "
-                    f"{'the whole set' if v.steps == -1 else f'{v.steps} batches'} of {v.local_batch_size} per dp "
-                    f"rank, every {v.freq} steps and after the last"
-                    + (f"; passkey lengths {self.cfg.passkey.lengths}" if self.passkey else ""))
+        logger.info(describe_evaluation(self.cfg))
 
     def due(self, step: int) -> bool:
         return step % self.cfg.validation.freq == 0 or step == self.cfg.training.steps

@@ -21,16 +21,19 @@ from torchtitan_sp.checkpoint_files import check_checkpoint
 from torchtitan_sp.config import Config, ConfigError, load_config, resolve_repo_path
 from torchtitan_sp.data.sources import check_data_config
 from torchtitan_sp.evaluate import check_evaluation
+from torchtitan_sp.meaningful import check_meaningful
 from torchtitan_sp.models.llama3 import FLAVORS
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
+NGPU_DEFAULTED = "TORCHTITAN_SP_NGPU_DEFAULTED"  # run_train.sh sets it when it chose NGPU itself
 
 
 def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Every cross-key rule; raises ConfigError (or ValueError from a component) with one line."""
     dims = ParallelDims.from_config(cfg, world_size)
     dims.validate(cfg)
+    check_meaningful(cfg, dims)
     p = cfg.parallelism
     if Path(cfg.job.dump_folder).is_file():
         raise ConfigError(f"job.dump_folder: {cfg.job.dump_folder} is a file, not a folder")
@@ -65,6 +68,9 @@ def load_and_validate(argv: list[str] | None = None, world_size: int | None = No
         cfg = load_config(argv)
         return cfg, validate(cfg, world_size)
     except (ConfigError, ValueError, FileNotFoundError) as e:
+        if "world size" in str(e) and os.environ.get(NGPU_DEFAULTED):
+            e = ConfigError(f"{e}; NGPU was not set, so run_train.sh took {world_size} (every visible GPU, else 4 "
+                            "CPU processes): set NGPU to the world size the degrees need")
         exit_bad_input(e)
 
 

@@ -35,14 +35,17 @@ from torchtitan_sp.data.sources import data_metrics
 from torchtitan_sp.data.summary import describe_data
 from torchtitan_sp.data.text import DataError
 from torchtitan_sp.evaluate import Evaluator
+from torchtitan_sp.interrupt import EXIT_INTERRUPTED
+from torchtitan_sp.interrupt import install as install_ctrl_c
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.memory_model import GIB, Setup, estimate
 from torchtitan_sp.memory_report import host_advice, host_mem_gib
-from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
+from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops, use_color
 from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
+from torchtitan_sp.progress import Heartbeat
 from torchtitan_sp.rules import load_and_validate
 
 logger = logging.getLogger("torchtitan_sp")
@@ -141,8 +144,8 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training.steps, cfg.lr_scheduler, self.step)
 
         self.metrics = MetricsLogger(Path(cfg.job.dump_folder), cfg.metrics.enable_tensorboard,
-                                     color=not cfg.metrics.disable_color_printing, active=self.rank == 0,
-                                     first_step=self.step + 1)
+                                     color=use_color(cfg.metrics.disable_color_printing), active=self.rank == 0,
+                                     first_step=self.step + 1, total_steps=cfg.training.steps)
         self.flops_per_token = flops_per_token(self.model_args, self.n_params, cfg.training.seq_len)
         self.peak = peak_tflops(self.device)
         self._summary()
@@ -173,8 +176,9 @@ class Trainer:
                     f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
         logger.info(f"mesh dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} "
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
-        logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "
-                    f"{t.seq_len // (d.cp * d.tp)} per rank between blocks with tp), local batch {t.local_batch_size}, "
+        between = f", {t.seq_len // (d.cp * d.tp)} per rank between blocks with tp" if d.tp > 1 else ""
+        logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank{between}), "
+                    f"local batch {t.local_batch_size}, "
                     f"global batch {t.local_batch_size * d.dp * self.grad_accum} sequences = "
                     f"{self.tokens_per_step:,} tokens "
                     f"per step, gradient accumulation {self.grad_accum}, compute dtype {self.param_dtype}")
@@ -331,18 +335,25 @@ class Trainer:
         window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        heartbeat = Heartbeat(cfg.training.steps, self.step, logger.info) if self.rank == 0 else None
         try:
             if self.evaluator is not None and cfg.validation.eval_only:
                 self.evaluator.run_eval_only()
                 return
             while self.step < cfg.training.steps:
                 t0 = time.perf_counter()
+                if self.step + 1 == first_step and cfg.compile.enable:
+                    logger.info("torch.compile: compiling the blocks during the first step (can take minutes)")
                 micro_batches = [next(data_iter) for _ in range(self.grad_accum)]
                 data_time += time.perf_counter() - t0
                 out = self.train_step(micro_batches)
                 self.step += 1
                 window_steps += 1
+                if heartbeat is not None:
+                    heartbeat.step_done(self.step)
                 if self.step == first_step:
+                    if cfg.compile.enable:
+                        logger.info(f"torch.compile: done; the first step took {time.perf_counter() - t0:.1f}s")
                     saves = self.checkpointer.pg if self.checkpointer is not None else None
                     set_collective_timeout(cfg.comm.train_timeout_seconds, keep=(saves,) if saves else ())
                     if self.rank == 0:  # once a step has run: a run that fails earlier overwrites nothing
@@ -356,6 +367,8 @@ class Trainer:
                 if self.checkpointer is not None:
                     self.checkpointer.maybe_save(self.step, last=self.step == cfg.training.steps)
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             if self.checkpointer is not None:
                 self.checkpointer.close()
             self.metrics.close()
@@ -368,7 +381,7 @@ class Trainer:
              "lr": out["lr"], "tps": tps, "tokens_seen": self.tokens_seen,
              "tflops": tflops if self.device.type == "cuda" else None,
              "mfu": 100 * tflops / self.peak if self.peak else None,
-             "mem_gib": None, "data_pct": 100 * data_time / elapsed,
+             "mem_gib": None, "data_pct": 100 * data_time / elapsed, "s_per_step": elapsed / steps,
              **data_metrics(self.dataloader.dataset, self.meshes["dp"].get_group(), self.device)}
         if self.device.type == "cuda":
             m["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -378,13 +391,25 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; the exit code is 0, or 143 when SIGTERM stopped the run after saving a checkpoint."""
+    """Train; the exit code is 0, or 143 (SIGTERM) / 130 (Ctrl-C) when a signal stopped the run after
+    saving a checkpoint, or 130 when Ctrl-C aborted it."""
+    install_ctrl_c()
     cfg, dims = load_and_validate(argv)
     trainer = Trainer(cfg, dims)
     try:
         trainer.train()
     except SystemExit as e:
         return int(e.code)
+    except Exception as e:
+        e.step = trainer.step + 1  # for the one-line report in __main__
+        raise
+    except KeyboardInterrupt:
+        if trainer.rank == 0:
+            saved = ("the newest checkpoint is kept" if cfg.checkpoint.enable
+                     else "nothing saved (checkpoint.enable is off)")
+            logger.warning(f"Ctrl-C: stopped during step {trainer.step + 1}; {saved}; exiting with code "
+                           f"{EXIT_INTERRUPTED}")
+        return EXIT_INTERRUPTED
     finally:
         dist.destroy_process_group()
     return 0
@@ -399,10 +424,19 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         get_error_handler().record_exception(e)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print(f"Ctrl-C: stopped before training started; exiting with code {EXIT_INTERRUPTED}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except BaseException as e:
-        traceback.print_exc()
-        # torchrun's failure summary names the root cause from this file, also for ranks whose
-        # output LOG_RANK hides.
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:  # under torchrun: one line on the console, the traceback in this rank's error file
+            what = (str(e).splitlines() or [""])[0]
+            step = f", step {e.step}" if hasattr(e, "step") else ""
+            print(f"error: rank {os.environ.get('RANK', '0')}{step}: {type(e).__name__}: {what} "
+                  f"(traceback: {error_file})", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        # run_train.sh's failure summary reads this file, also for ranks whose output LOG_RANK hides.
         get_error_handler().record_exception(e)
         code = 1
     # Leave without interpreter finalization: a gloo worker thread can still be releasing its last

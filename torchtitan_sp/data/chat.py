@@ -122,7 +122,12 @@ class ChatDataset(IterableDataset):
 
     def _conversations(self) -> Iterator[tuple[Cursor, list[int], list[int]]]:
         conv: Document
+        last_kept = self.cursor.epoch - 1  # the epoch of the last conversation kept
         for cursor, conv in self.corpus.documents(self.cursor):
+            if cursor.epoch - last_kept >= 3:  # a whole epoch kept nothing: the stream would spin forever
+                raise DataError(f"training.truncation = drop: every conversation of data-parallel rank "
+                                f"{self.corpus.dp_rank} is longer than training.seq_len {self.seq_len}; set "
+                                "training.truncation = right or a longer training.seq_len")
             if isinstance(conv, TokenDoc):  # rendered and tokenized before: as stored
                 ids, targets = conv.ids, conv.targets or conv.ids
             else:
@@ -134,6 +139,7 @@ class ChatDataset(IterableDataset):
                 if self.truncation == "drop":
                     continue
                 ids, targets = ids[:self.seq_len], targets[:self.seq_len]
+            last_kept = cursor.epoch
             yield cursor, ids, targets
 
     def _report(self, length: int) -> None:

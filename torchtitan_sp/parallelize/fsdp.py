@@ -56,6 +56,7 @@ def apply_fsdp(model: Transformer, meshes: dict[str, DeviceMesh], param_dtype: s
             m.set_gradient_divide_factor(1.0)
             if fsdp_mesh.device_type == "cpu":
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-    logger.info(f"FSDP2 over {fsdp_mesh.mesh_dim_names} {tuple(fsdp_mesh.shape)}, "
+    over = " x ".join(f"{name} {size}" for name, size in zip(fsdp_mesh.mesh_dim_names, fsdp_mesh.shape))
+    logger.info(f"FSDP2 over {over}, "
                 f"params {param_dtype}, reduce {reduce_dtype}, reshard after forward: {reshard}"
                 + (", CPU offload of parameters, gradients and optimizer states" if cpu_offload else ""))
