@@ -45,7 +45,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.text import Cursor, resume_after
-from torchtitan_sp.models.llama3 import Transformer, model_args
+from torchtitan_sp.models.llama3 import Transformer
+from torchtitan_sp.models.shape import model_args
 
 if TYPE_CHECKING:
     from torchtitan_sp.train import Trainer
@@ -97,7 +98,7 @@ def check_checkpoint(cfg: Config) -> None:
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     have = {k: tuple(m.size) for k, m in saved.items() if k.startswith("model.") and hasattr(m, "size")}
     with torch.device("meta"):
-        model = Transformer(model_args(cfg.model.flavor, cfg.model.n_layers))
+        model = Transformer(model_args(cfg.model))
     want = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
     differ = [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]
     if differ:

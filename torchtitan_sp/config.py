@@ -46,12 +46,35 @@ class Job:
 
 @dataclass
 class Model:
+    """The shape is the flavor's (with flavor hf: hf_assets_path's config.json); a rope_* key set here
+    replaces that value (command line > TOML > flavor / config.json; 0 or "" = keep it). models/shape.py."""
+
     name: str = "llama3"
     """Model family (only llama3)."""
     flavor: str = "debug"
-    """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
+    """Shape: debug | 1B | 3B (Llama 3.2) | 8B | 70B | 405B (Llama 3.1) | hf (config.json of model.hf_assets_path)."""
+    hf_assets_path: str = ""
+    """Hugging Face Llama folder (config.json, tokenizer, safetensors): the shape with flavor hf, and the files hf loads/exports use."""
     n_layers: int = 0
     """Blocks (0 = the flavor's): fewer keep the flavor's first N, more deepen it with blocks of the same shape."""
+    rope_theta: float = 0.0
+    """RoPE base (0 = the flavor's, or config.json's with flavor hf); raise it to extend the context."""
+    rope_scaling: str = ""
+    """RoPE frequency scaling: none | llama3 | yarn | linear ("" = the flavor's / config.json's)."""
+    rope_factor: float = 0.0
+    """llama3 | yarn | linear: context extension factor >= 1 (0 = the flavor's; required when rope_scaling changes the type)."""
+    rope_low_freq_factor: float = 0.0
+    """llama3: wavelengths above rope_original_max_position / this are divided by rope_factor (0 = the flavor's, else 1)."""
+    rope_high_freq_factor: float = 0.0
+    """llama3: wavelengths below rope_original_max_position / this stay unscaled (0 = the flavor's, else 4)."""
+    rope_original_max_position: int = 0
+    """llama3 | yarn: context length before the extension (0 = the flavor's, else its max_position_embeddings)."""
+    rope_yarn_beta_fast: float = 0.0
+    """yarn: rotations below which frequencies are interpolated fully (0 = the flavor's, else 32)."""
+    rope_yarn_beta_slow: float = 0.0
+    """yarn: rotations above which frequencies are kept (0 = the flavor's, else 1)."""
+    rope_attention_factor: float = 0.0
+    """yarn: scale of cos and sin (0 = the flavor's, else 0.1 ln(rope_factor) + 1)."""
     tokenizer_path: str = "assets/tokenizer/tokenizer.model"
     """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative: cwd, else the repo)."""
 
@@ -238,7 +261,7 @@ class Config:
 # Choices checked for string keys: key -> valid values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("llama3",),
-    "model.flavor": ("debug", "1B", "3B", "8B", "70B", "405B"),
+    "model.flavor": ("debug", "1B", "3B", "8B", "70B", "405B", "hf"),
     "optimizer.name": ("AdamW",),
     "optimizer.implementation": ("fused", "foreach", "for-loop"),
     "lr_scheduler.decay_type": ("linear", "cosine", "none"),

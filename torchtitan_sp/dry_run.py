@@ -14,7 +14,8 @@ import torch
 from torchtitan_sp.config import Config
 from torchtitan_sp.estimate import (DEFAULT_GPU_MEM_GIB, Setup, breakdown_text, fit_advice, max_seq_table,
                                     param_counts)
-from torchtitan_sp.models.llama3 import Transformer, model_args
+from torchtitan_sp.models.llama3 import Transformer
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.ac import apply_ac
 from torchtitan_sp.parallelize.memory import apply_tiled_mlp
@@ -45,7 +46,7 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
     for line in mesh_lines(dims):
         print(line)
 
-    args = model_args(cfg.model.flavor, cfg.model.n_layers)
+    args = model_args(cfg.model)
     with torch.device("meta"):  # no storage: an 8B model costs nothing here
         model = Transformer(args)
         tiled = apply_tiled_mlp(model, ac.tiled_mlp_shards)

@@ -44,7 +44,8 @@ from torchtitan_sp.attention import GATHERED_FOR_DOCUMENTS, check_cp_attention
 from torchtitan_sp.config import Config, ConfigError, load_config
 from torchtitan_sp.loss import loss_chunk_tokens, loss_is_chunked
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
-from torchtitan_sp.models.llama3 import ModelArgs, model_args
+from torchtitan_sp.models.llama3 import ModelArgs
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 
 GIB = 2**30
@@ -92,7 +93,7 @@ class Setup:
     @classmethod
     def from_config(cls, cfg: Config, dims: ParallelDims, device: str = "cuda") -> "Setup":
         p, ac = cfg.parallelism, cfg.activation_checkpoint
-        return cls(args=model_args(cfg.model.flavor, cfg.model.n_layers), batch=cfg.training.local_batch_size,
+        return cls(args=model_args(cfg.model), batch=cfg.training.local_batch_size,
                    seq_len=cfg.training.seq_len, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
                    cp=dims.cp, tp=dims.tp, strategy=p.context_parallel_strategy,
                    rotate_method=p.context_parallel_rotate_method, ulysses=p.context_parallel_ulysses_degree,
@@ -100,7 +101,7 @@ class Setup:
                    tiles=ac.tiled_mlp_shards if dims.tp == 1 else 1,  # validation rejects tiles with tp
                    offload=ac.offload and ac.mode == "full" and device == "cuda",
                    chunked_loss=loss_is_chunked(cfg.training.local_batch_size * cfg.training.seq_len // dims.cp,
-                                                model_args(cfg.model.flavor).vocab_size),
+                                                model_args(cfg.model).vocab_size),
                    compiled_loss=cfg.compile.enable and dims.tp == 1,  # as Trainer chooses its cross-entropy
                    loss_parallel=dims.tp > 1 and not p.disable_loss_parallel,
                    document_masks=cfg.training.document_masks,
@@ -122,7 +123,7 @@ def param_counts(args: ModelArgs) -> tuple[int, int, int]:
     """(all parameters, root parameters: embedding + output + final norm, parameters of one block)."""
     d, dkv = args.dim, args.n_kv_heads * args.head_dim
     block = d * (2 * d + 2 * dkv) + 3 * d * args.ffn_hidden + 2 * d
-    root = 2 * args.vocab_size * d + d
+    root = (1 if args.tie_word_embeddings else 2) * args.vocab_size * d + d
     return root + args.n_layers * block, root, block
 
 

@@ -33,7 +33,8 @@ from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
-from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
+from torchtitan_sp.models.llama3 import Transformer, init_weights
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
@@ -100,7 +101,7 @@ class Trainer:
         dp_rank = self.meshes["dp"].get_local_rank()
 
         # Build on the meta device, parallelize, then materialize and initialize.
-        self.model_args = model_args(cfg.model.flavor, cfg.model.n_layers)
+        self.model_args = model_args(cfg.model)
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self.n_params = sum(p.numel() for p in model.parameters())

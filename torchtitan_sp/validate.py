@@ -32,8 +32,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
                           f"got {cfg.activation_checkpoint.tiled_mlp_shards}")
     if dims.cp > 1:
         from torchtitan_sp.attention import check_cp_attention
-        from torchtitan_sp.models.llama3 import FLAVORS
-        args = FLAVORS[cfg.model.flavor]
+        from torchtitan_sp.models.shape import model_args
+        args = model_args(cfg.model)
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                            rotate_method=p.context_parallel_rotate_method)

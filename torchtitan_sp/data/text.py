@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.packing import Packer, padded_sample
 from torchtitan_sp.data.tokenizer import Tokenizer
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.models.shape import model_args
 
 PLAIN = (".txt", ".py")  # .py only comes from the stdlib corpus
 SUPPORTED = (".txt", ".jsonl", ".json", ".parquet")
@@ -280,7 +280,7 @@ def _checked_inputs(cfg: Config) -> tuple[Tokenizer, list[Path], str]:
     """The tokenizer, the corpus files and the config key that names them, all checked."""
     path = resolve_repo_path(cfg.model.tokenizer_path)
     tokenizer = Tokenizer(path)
-    check_tokenizer_vocab(tokenizer.n_words, FLAVORS[cfg.model.flavor].vocab_size, str(path))
+    check_tokenizer_vocab(tokenizer.n_words, model_args(cfg.model).vocab_size, str(path))
     if cfg.training.dataset == "stdlib":
         return tokenizer, stdlib_files(), "training.dataset"
     files = resolve_files(cfg.training.dataset_path)
