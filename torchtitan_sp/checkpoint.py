@@ -7,6 +7,7 @@ Layout under <job.dump_folder>/<checkpoint.folder>:
                mid-save never leaves a partial step-N. At resume rank 0 removes a step-N.tmp without
                .metadata and publishes one with it (complete, but not renamed before the stop).
   model.pt     checkpoint.export_final: the full model state dict alone (torch.save), for use elsewhere.
+  step-N-hf/   checkpoint.last_save_in_hf: the final model as a Hugging Face folder (hf_checkpoint.py).
 The lr schedule is not saved: it is a function of the step and of the resumed run's keys, which
 win over the saved optimizer's lr, betas, eps and weight decay (so a resume may change them).
 
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.text import Cursor, resume_after
+from torchtitan_sp.hf_checkpoint import check_initial_weights, export_hf, load_hf_weights
 from torchtitan_sp.models.llama3 import Transformer
 from torchtitan_sp.models.shape import model_args
 
@@ -89,7 +91,7 @@ def check_checkpoint(cfg: Config) -> None:
     path = resume_path(Path(cfg.job.dump_folder) / ck.folder, ck.load_step) if ck.enable else None
     if path is None and ck.initial_load_path:
         key, path = "checkpoint.initial_load_path", resolve_repo_path(ck.initial_load_path)
-        if path.is_file():  # an exported model.pt; its keys are checked when loaded
+        if check_initial_weights(cfg, path):  # a Hugging Face folder or an exported model.pt
             return
     if path is None:
         return
@@ -134,7 +136,7 @@ class CheckpointManager:
     """Saves, loads and exports the Trainer's state. Every method is called on all ranks."""
 
     def __init__(self, cfg: Config, trainer: Trainer):
-        self.ck, self.trainer = cfg.checkpoint, trainer
+        self.cfg, self.ck, self.trainer = cfg, cfg.checkpoint, trainer
         self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
         self.metrics_file = Path(cfg.job.dump_folder) / "metrics.jsonl"
         self.rank = dist.get_rank()
@@ -184,7 +186,9 @@ class CheckpointManager:
             if path is not None:
                 self._load_checkpoint(path)
                 return
-        if self.ck.initial_load_path:
+        if self.ck.initial_load_path and self.ck.initial_load_in_hf:
+            load_hf_weights(self.trainer.model, resolve_repo_path(self.ck.initial_load_path), self.trainer.model_args)
+        elif self.ck.initial_load_path:
             self._load_weights(resolve_repo_path(self.ck.initial_load_path))
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -274,6 +278,8 @@ class CheckpointManager:
             self.save(step)
         if last and self.ck.export_final:
             self.export()
+        if last and self.ck.last_save_in_hf:
+            export_hf(self.trainer.model, self.trainer.model_args, self.cfg, self.folder / f"step-{step}-hf", self.pg)
         if stop:
             self._wait()
             logger.warning(f"SIGTERM: saved step-{step}; exiting with code {EXIT_SIGTERM}")

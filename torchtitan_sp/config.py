@@ -75,8 +75,8 @@ class Model:
     """yarn: rotations above which frequencies are kept (0 = the flavor's, else 1)."""
     rope_attention_factor: float = 0.0
     """yarn: scale of cos and sin (0 = the flavor's, else 0.1 ln(rope_factor) + 1)."""
-    tokenizer_path: str = "assets/tokenizer/tokenizer.model"
-    """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative: cwd, else the repo)."""
+    tokenizer_path: str = ""
+    """tiktoken ranks file (Llama 3 tokenizer.model) or HF tokenizer.json; "" = hf_assets_path's tokenizer.json, else its original/tokenizer.model, else assets/tokenizer/tokenizer.model."""
 
 
 @dataclass
@@ -214,9 +214,15 @@ class Checkpoint:
     load_step: int = -1
     """Resume from this step instead of the newest (-1 = newest)."""
     initial_load_path: str = ""
-    """Start from model weights only (fresh optimizer, step 0): a DCP step-N folder or an exported model.pt."""
+    """Start from model weights only (fresh optimizer, step 0): a DCP step-N folder, an exported model.pt, or a HF folder (initial_load_in_hf)."""
     export_final: bool = False
     """After the last step, write the model weights alone to <folder>/model.pt."""
+    initial_load_in_hf: bool = False
+    """initial_load_path is a Hugging Face folder of safetensors (model.safetensors or shards + index), read shard by shard."""
+    last_save_in_hf: bool = False
+    """After the last step, write a Hugging Face folder <folder>/step-N-hf (safetensors, config.json, tokenizer files)."""
+    export_dtype: str = "float32"
+    """Weights dtype of last_save_in_hf: float32 | bfloat16."""
     save_on_sigterm: bool = True
     """On SIGTERM, save a checkpoint before exiting."""
 
@@ -274,6 +280,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "checkpoint.async_mode": ("disabled", "async"),
+    "checkpoint.export_dtype": ("float32", "bfloat16"),
 }
 
 

@@ -126,7 +126,8 @@ class Trainer:
         self.tokens_seen = 0
 
         self.checkpointer = None
-        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path or cfg.checkpoint.export_final:
+        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path or cfg.checkpoint.export_final \
+                or cfg.checkpoint.last_save_in_hf:
             from torchtitan_sp.checkpoint import CheckpointManager
             self.checkpointer = CheckpointManager(cfg, self)
             self.checkpointer.load()

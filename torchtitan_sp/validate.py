@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
+from torchtitan_sp.hf_checkpoint import check_hf_keys
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -46,6 +47,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if cfg.training.dataset != "synthetic":
         from torchtitan_sp.data.text import check_data_config
         check_data_config(cfg, dims.dp)
+    check_hf_keys(cfg)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset
 
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.packing import Packer, padded_sample
-from torchtitan_sp.data.tokenizer import Tokenizer
+from torchtitan_sp.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, tokenizer_file
 from torchtitan_sp.models.shape import model_args
 
 PLAIN = (".txt", ".py")  # .py only comes from the stdlib corpus
@@ -232,7 +232,7 @@ class Corpus:
 class TextDataset(IterableDataset):
     """An infinite, resumable stream of packed (or padded) samples of one dp rank."""
 
-    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, seq_len: int, packing: bool):
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer | HFTokenizer, seq_len: int, packing: bool):
         self.corpus, self.tokenizer, self.seq_len, self.packing = corpus, tokenizer, seq_len, packing
         self.cursor, self.offset = Cursor(0, 0, 0, 0), 0  # where the next sample starts
 
@@ -276,10 +276,10 @@ def resume_after(states: list[dict[str, int]]) -> dict[str, int]:
     return {**cursor._asdict(), "offset": 0}
 
 
-def _checked_inputs(cfg: Config) -> tuple[Tokenizer, list[Path], str]:
+def _checked_inputs(cfg: Config) -> tuple[Tokenizer | HFTokenizer, list[Path], str]:
     """The tokenizer, the corpus files and the config key that names them, all checked."""
-    path = resolve_repo_path(cfg.model.tokenizer_path)
-    tokenizer = Tokenizer(path)
+    path = tokenizer_file(cfg.model)
+    tokenizer = load_tokenizer(path)
     check_tokenizer_vocab(tokenizer.n_words, model_args(cfg.model).vocab_size, str(path))
     if cfg.training.dataset == "stdlib":
         return tokenizer, stdlib_files(), "training.dataset"
