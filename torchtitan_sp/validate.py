@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from torchtitan_sp.config import Config, ConfigError, help_text, load_config, resolve_repo_path
 from torchtitan_sp.hf_checkpoint import check_hf_keys
+from torchtitan_sp.models.shape import check_hf_assets_path, context_warning, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -33,7 +34,6 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
                           f"got {cfg.activation_checkpoint.tiled_mlp_shards}")
     if dims.cp > 1:
         from torchtitan_sp.attention import check_cp_attention
-        from torchtitan_sp.models.shape import model_args
         args = model_args(cfg.model)
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
@@ -48,6 +48,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         from torchtitan_sp.data.text import check_data_config
         check_data_config(cfg, dims.dp)
     check_hf_keys(cfg)
+    check_hf_assets_path(cfg)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
@@ -88,6 +89,8 @@ def main() -> None:
         print(help_text())
         sys.exit(EXIT_HANDLED)
     cfg, dims = load_and_validate(argv)
+    if warning := context_warning(cfg, model_args(cfg.model)):
+        print(f"warning: {warning}", file=sys.stderr)
     if cfg.job.dry_run:
         from torchtitan_sp.dry_run import dry_run
         dry_run(cfg, dims)

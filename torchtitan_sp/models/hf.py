@@ -125,10 +125,9 @@ def _rope_args(cfg: dict[str, Any], path: Path, max_positions: int) -> dict[str,
             raise ConfigError(f"{path}: rope_scaling and rope_parameters contradict each other ({key}: "
                               f"{scaling.get(key)!r} vs {params.get(key)!r}); keep one of them")
     rope = {**(scaling or {}), **(params or {})}
-    thetas = {f"{k}.rope_theta": v["rope_theta"] for k, v in (("rope_scaling", scaling), ("rope_parameters", params))
-              if v and "rope_theta" in v}
-    if "rope_theta" in cfg:
-        thetas["rope_theta"] = cfg["rope_theta"]
+    thetas = {"rope_theta": cfg["rope_theta"]} if "rope_theta" in cfg else {}
+    thetas.update({f"{k}.rope_theta": v["rope_theta"] for k, v in (("rope_scaling", scaling),
+                                                                   ("rope_parameters", params)) if v and "rope_theta" in v})
     if len(set(thetas.values())) > 1:
         raise ConfigError(f"{path}: {' vs '.join(f'{k} {v}' for k, v in thetas.items())}: the RoPE base must "
                           "be given once (or the same everywhere)")

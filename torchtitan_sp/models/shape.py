@@ -55,9 +55,9 @@ def model_args(m: Model) -> ModelArgs:
         if kind != "none" and not m.rope_factor:
             raise ConfigError(f"model.rope_scaling {kind}: set model.rope_factor (the {source} uses "
                               f"{base.rope_scaling!r} scaling)")
-        defaults = ModelArgs()
-        args = dataclasses.replace(base, rope_scaling=kind, **{k: getattr(defaults, k) for k in ROPE_KEYS},
-                                   rope_original_max_position=base.max_position_embeddings)
+        fresh = {key: getattr(ModelArgs(), key) for key in ROPE_KEYS}
+        fresh["rope_original_max_position"] = base.max_position_embeddings
+        args = dataclasses.replace(base, rope_scaling=kind, **fresh)
     overrides = {key: getattr(m, key) for key in ("rope_theta", *ROPE_KEYS) if getattr(m, key)}
     args = dataclasses.replace(args, **overrides)
     if args.rope_scaling == "llama3" and args.rope_high_freq_factor <= args.rope_low_freq_factor:
@@ -80,3 +80,15 @@ def context_warning(cfg: Config, args: ModelArgs) -> str | None:
                 f"{args.max_position_embeddings} with its RoPE unchanged (model.rope_theta / rope_scaling / rope_factor "
                 "extend it)")
     return None
+
+
+def check_hf_assets_path(cfg: Config) -> None:
+    """model.hf_assets_path is read for the shape (flavor hf), the tokenizer (model.tokenizer_path empty, a
+    text dataset) and the export (checkpoint.last_save_in_hf); set with none of them it would do nothing."""
+    m = cfg.model
+    tokenizer = not m.tokenizer_path and cfg.training.dataset != "synthetic"
+    if m.hf_assets_path and m.flavor != "hf" and not tokenizer and not cfg.checkpoint.last_save_in_hf:
+        raise ConfigError(f"model.hf_assets_path: nothing reads it here (flavor {m.flavor!r}, "
+                          + ("model.tokenizer_path set" if m.tokenizer_path else "synthetic data")
+                          + ", no checkpoint.last_save_in_hf); it gives the shape with model.flavor hf, the tokenizer "
+                          "when model.tokenizer_path is empty, and the export's config and tokenizer files")
