@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from torchtitan_sp.models.hf import (
     unpermute_rows,
 )
 from torchtitan_sp.models.llama3 import FLAVORS, ModelArgs, Transformer, rope_inv_freq
-from torchtitan_sp.models.shape import model_args
+from torchtitan_sp.models.shape import context_warning, model_args
 from torchtitan_sp.validate import load_and_validate
 
 # rope_parameters of each type, at a tiny shape where each one changes the logits at 64 tokens
@@ -243,6 +244,34 @@ def test_rope_keys_override_and_reject_what_does_nothing(tmp_path: Path) -> None
     ]:
         with pytest.raises(ConfigError, match="^" + message):
             args(*argv)
+
+
+def test_dry_run_estimator_and_context_warning_with_flavor_hf(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shape, the RoPE override and the tied parameter count reach the dry run and the estimator; seq_len past
+    max_position_embeddings of loaded weights is a warning only while the RoPE is unchanged."""
+    from torchtitan_sp.estimate import main as estimate_main
+    from torchtitan_sp.validate import main as validate_main
+    hf = tmp_path / "hf"
+    LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters={**ROPE["llama3"], "rope_theta": 10000.0},
+                ).save_pretrained(hf)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(read_hf_config(hf)).parameters())
+    argv = ["--config", "", "--model.flavor", "hf", "--model.hf_assets_path", str(hf), "--model.rope_factor", "16",
+            "--training.seq_len", "256"]
+    monkeypatch.setattr(sys, "argv", ["validate", *argv, "--job.dry_run"])
+    with pytest.raises(SystemExit, match="3"):
+        validate_main()
+    out = capsys.readouterr()
+    assert (f"model: Llama 3 hf, 2 layers, dim 64, 4 heads (2 KV), ffn 160, vocab 256, RoPE theta 10000, llama3 x16 "
+            f"from 32, tied embeddings\n  parameters {n:,}") in out.out and "warning" not in out.err
+    estimate_main([*argv, "--world_size", "1"])
+    assert f"Llama 3 hf: {n:,} parameters" in capsys.readouterr().out
+    load = ["--checkpoint.initial_load_path", str(hf), "--checkpoint.initial_load_in_hf", "true"]
+    warned = context_warning(load_config([*argv[:-4], *load, "--training.seq_len", "256"]), read_hf_config(hf))
+    assert warned == ("training.seq_len 256 exceeds the model's max_position_embeddings 128 with its RoPE unchanged "
+                      "(model.rope_theta / rope_scaling / rope_factor extend it)")
+    assert context_warning(load_config([*argv, *load]), read_hf_config(hf)) is None
 
 
 def test_published_flavors() -> None:

@@ -34,7 +34,7 @@ from torchtitan_sp.estimate import GIB, Setup, estimate
 from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, model_loss_sum
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops
 from torchtitan_sp.models.llama3 import Transformer, init_weights
-from torchtitan_sp.models.shape import model_args
+from torchtitan_sp.models.shape import model_args, rope_text
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
@@ -147,7 +147,8 @@ class Trainer:
         t = cfg.training
         n_emb = self.model_args.vocab_size * self.model_args.dim
         logger.info(f"{cfg.job.description or cfg.job.config_file or 'default config'}: Llama 3 {cfg.model.flavor}, "
-                    f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
+                    f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding), "
+                    f"{rope_text(self.model_args)}")
         logger.info(f"mesh dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} "
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
         logger.info(f"seq_len {t.seq_len} ({t.seq_len // d.cp} tokens per cp rank, "

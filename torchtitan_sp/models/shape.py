@@ -92,3 +92,13 @@ def check_hf_assets_path(cfg: Config) -> None:
                           + ("model.tokenizer_path set" if m.tokenizer_path else "synthetic data")
                           + ", no checkpoint.last_save_in_hf); it gives the shape with model.flavor hf, the tokenizer "
                           "when model.tokenizer_path is empty, and the export's config and tokenizer files")
+
+
+def rope_text(args: ModelArgs) -> str:
+    """The RoPE a run uses, for start-up lines: "RoPE theta 500000, llama3 x8 from 8192"."""
+    text = f"RoPE theta {args.rope_theta:g}"
+    if args.rope_scaling != "none":
+        text += f", {args.rope_scaling} x{args.rope_factor:g}"
+        if args.rope_scaling != "linear":
+            text += f" from {args.rope_original_max_position}"
+    return text + (", tied embeddings" if args.tie_word_embeddings else "")
