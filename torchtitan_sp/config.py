@@ -54,7 +54,7 @@ class Model:
     flavor: str = "debug"
     """Shape: debug | 1B | 3B (Llama 3.2) | 8B | 70B | 405B (Llama 3.1) | hf (config.json of model.hf_assets_path)."""
     hf_assets_path: str = ""
-    """Hugging Face Llama folder (config.json, tokenizer, safetensors): the shape with flavor hf, and the files hf loads/exports use."""
+    """Hugging Face Llama folder: the shape with flavor hf; also the tokenizer and the HF export's files."""
     n_layers: int = 0
     """Blocks (0 = the flavor's): fewer keep the flavor's first N, more deepen it with blocks of the same shape."""
     rope_theta: float = 0.0
@@ -62,11 +62,11 @@ class Model:
     rope_scaling: str = ""
     """RoPE frequency scaling: none | llama3 | yarn | linear ("" = the flavor's / config.json's)."""
     rope_factor: float = 0.0
-    """llama3 | yarn | linear: context extension factor >= 1 (0 = the flavor's; required when rope_scaling changes the type)."""
+    """llama3 | yarn | linear: context extension factor >= 1 (0 = the flavor's; needed to change the type)."""
     rope_low_freq_factor: float = 0.0
-    """llama3: wavelengths above rope_original_max_position / this are divided by rope_factor (0 = the flavor's, else 1)."""
+    """llama3: wavelengths above original_max_position / this are divided by rope_factor (0 = the flavor's, else 1)."""
     rope_high_freq_factor: float = 0.0
-    """llama3: wavelengths below rope_original_max_position / this stay unscaled (0 = the flavor's, else 4)."""
+    """llama3: wavelengths below original_max_position / this stay unscaled (0 = the flavor's, else 4)."""
     rope_original_max_position: int = 0
     """llama3 | yarn: context length before the extension (0 = the flavor's, else its max_position_embeddings)."""
     rope_yarn_beta_fast: float = 0.0

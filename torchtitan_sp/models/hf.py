@@ -111,6 +111,15 @@ def hf_state_dict_keys(args: ModelArgs) -> list[str]:
     return root + block
 
 
+def _positive(d: dict[str, Any], key: str, default: float | None, path: Path, where: str = "") -> float:
+    """d[key] (default when absent or null) as a positive number; ConfigError naming the file and key."""
+    value = d.get(key)
+    value = default if value is None else value
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{path}: {where}{key} must be a positive number, got {d.get(key)!r}")
+    return float(value)
+
+
 def _rope_args(cfg: dict[str, Any], path: Path, max_positions: int) -> dict[str, Any]:
     """RoPE keys of ModelArgs from the classic layout (top-level rope_theta + rope_scaling) or the
     transformers >= 5 one (rope_parameters); keys that say different things are an error."""
@@ -118,22 +127,24 @@ def _rope_args(cfg: dict[str, Any], path: Path, max_positions: int) -> dict[str,
     for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"{path}: {name} must be an object or null, got {value!r}")
-    if scaling and params:
-        both = set(scaling) & set(params) - {"rope_theta"}
-        if (diff := sorted(k for k in both if scaling[k] != params[k])) or set(scaling) - set(params) - {"rope_theta"}:
-            key = diff[0] if diff else sorted(set(scaling) - set(params) - {"rope_theta"})[0]
-            raise ConfigError(f"{path}: rope_scaling and rope_parameters contradict each other ({key}: "
-                              f"{scaling.get(key)!r} vs {params.get(key)!r}); keep one of them")
+    if scaling and params:  # rope_theta is compared with the top-level one below
+        diff = sorted(k for k in set(scaling) & set(params) - {"rope_theta"} if scaling[k] != params[k])
+        if diff:
+            raise ConfigError(f"{path}: rope_scaling and rope_parameters contradict each other ({diff[0]}: "
+                              f"{scaling[diff[0]]!r} vs {params[diff[0]]!r}); keep one of them")
     rope = {**(scaling or {}), **(params or {})}
     thetas = {"rope_theta": cfg["rope_theta"]} if "rope_theta" in cfg else {}
-    thetas.update({f"{k}.rope_theta": v["rope_theta"] for k, v in (("rope_scaling", scaling),
-                                                                   ("rope_parameters", params)) if v and "rope_theta" in v})
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value and "rope_theta" in value:
+            thetas[f"{name}.rope_theta"] = value["rope_theta"]
     if len(set(thetas.values())) > 1:
         raise ConfigError(f"{path}: {' vs '.join(f'{k} {v}' for k, v in thetas.items())}: the RoPE base must "
                           "be given once (or the same everywhere)")
-    theta = next(iter(thetas.values()), 10000.0)  # transformers' default_theta
+    # 10000: transformers' default_theta
+    theta = _positive({"rope_theta": next(iter(thetas.values()), 10000.0)}, "rope_theta", None, path)
     if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
-        raise ConfigError(f"{path}: rope type {rope['type']!r} and rope_type {rope['rope_type']!r} contradict each other")
+        raise ConfigError(f"{path}: rope type {rope['type']!r} and rope_type {rope['rope_type']!r} "
+                          "contradict each other")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in _ROPE_TYPES:
         raise ConfigError(f"{path}: rope_type {kind!r} is not supported; valid: {' | '.join(_ROPE_TYPES)}")
@@ -142,16 +153,14 @@ def _rope_args(cfg: dict[str, Any], path: Path, max_positions: int) -> dict[str,
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": _ROPE_TYPES[kind]}
     if kind == "default":
         return out
-    need = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"], "yarn": ["factor"]}
-    for key in need[kind]:
-        if not isinstance(rope.get(key), (int, float)) or isinstance(rope.get(key), bool):
-            raise ConfigError(f"{path}: rope_type {kind!r} needs a number {key}, got {rope.get(key)!r}")
-    out["rope_factor"] = float(rope["factor"])
+    where = f"rope_type {kind!r}: "
+    out["rope_factor"] = _positive(rope, "factor", None, path, where)
     if kind != "linear":
-        out["rope_original_max_position"] = int(rope.get("original_max_position_embeddings") or max_positions)
+        out["rope_original_max_position"] = int(_positive(rope, "original_max_position_embeddings", max_positions,
+                                                          path, where))
     if kind == "llama3":
-        out["rope_low_freq_factor"] = float(rope["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(rope["high_freq_factor"])
+        out["rope_low_freq_factor"] = _positive(rope, "low_freq_factor", None, path, where)
+        out["rope_high_freq_factor"] = _positive(rope, "high_freq_factor", None, path, where)
         if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
             raise ConfigError(f"{path}: rope high_freq_factor {rope['high_freq_factor']} must exceed "
                               f"low_freq_factor {rope['low_freq_factor']}")
@@ -160,9 +169,10 @@ def _rope_args(cfg: dict[str, Any], path: Path, max_positions: int) -> dict[str,
             rope.get("truncate", True) is False))
         if unsupported:
             raise ConfigError(f"{path}: yarn's {unsupported[0]} is not supported (DeepSeek-style yarn)")
-        out["rope_yarn_beta_fast"] = float(rope.get("beta_fast") or 32.0)
-        out["rope_yarn_beta_slow"] = float(rope.get("beta_slow") or 1.0)
-        out["rope_attention_factor"] = float(rope.get("attention_factor") or 0.0)
+        out["rope_yarn_beta_fast"] = _positive(rope, "beta_fast", 32.0, path, where)  # transformers' defaults
+        out["rope_yarn_beta_slow"] = _positive(rope, "beta_slow", 1.0, path, where)
+        if rope.get("attention_factor") is not None:
+            out["rope_attention_factor"] = _positive(rope, "attention_factor", None, path, where)
     return out
 
 
@@ -171,7 +181,8 @@ def read_hf_config(folder: str | Path) -> ModelArgs:
     folder = Path(folder)
     path = folder / "config.json"
     if not folder.is_dir():
-        raise ConfigError(f"model.hf_assets_path: {folder} is not a folder (a Hugging Face model folder with config.json)")
+        raise ConfigError(f"model.hf_assets_path: {folder} is not a folder (a Hugging Face model folder with "
+                          "config.json)")
     if not path.is_file():
         raise ConfigError(f"model.hf_assets_path: {folder} has no config.json")
     try:
@@ -188,7 +199,7 @@ def read_hf_config(folder: str | Path) -> ModelArgs:
             raise ConfigError(f"{path}: {key} must be a positive integer, got {cfg.get(key)!r}")
         ints[key] = cfg[key]
     dim, heads = ints["hidden_size"], ints["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
+    kv_heads = int(_positive(cfg, "num_key_value_heads", heads, path))
     if dim % heads or heads % kv_heads:
         raise ConfigError(f"{path}: hidden_size {dim}, num_attention_heads {heads}, num_key_value_heads {kv_heads}: "
                           "heads must divide hidden_size and KV heads the heads")
@@ -198,10 +209,10 @@ def read_hf_config(folder: str | Path) -> ModelArgs:
     for key, valid in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, valid) != valid:
             raise ConfigError(f"{path}: {key} {cfg[key]!r} is not supported (Llama 3 has {valid!r})")
-    max_positions = int(cfg.get("max_position_embeddings") or 2048)  # LlamaConfig's default
+    max_positions = int(_positive(cfg, "max_position_embeddings", 2048, path))  # LlamaConfig's default
     return ModelArgs(dim=dim, n_layers=ints["num_hidden_layers"], n_heads=heads, n_kv_heads=kv_heads,
                      vocab_size=ints["vocab_size"], ffn_dim=ints["intermediate_size"],
-                     norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default; Llama 3 files say 1e-5
+                     norm_eps=_positive(cfg, "rms_norm_eps", 1e-6, path),  # LlamaConfig's default (Llama 3: 1e-5)
                      max_position_embeddings=max_positions,
                      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                      **_rope_args(cfg, path, max_positions))

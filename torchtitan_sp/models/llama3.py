@@ -3,8 +3,8 @@
 Weights follow Meta's layout (RoPE rotates adjacent pairs): Meta's original checkpoints map one to
 one; Hugging Face's store q/k rows permuted for rotate-half RoPE (models/hf.py converts both ways).
 Llama 3.1/3.2 also need their RoPE frequency scaling (`rope_scaling` llama3) and 3.2 1B/3B their tied
-embeddings, both part of ModelArgs and of the published flavors below. The attention math on local tokens lives in `Attention.inner_attention`, the one module that
-context-parallel strategies replace.
+embeddings, both part of ModelArgs and of the published flavors below. The attention math on local
+tokens lives in `Attention.inner_attention`, the one module that context-parallel strategies replace.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def context_warning(cfg: Config, args: ModelArgs) -> str | None:
     pretrained = bool(cfg.checkpoint.initial_load_path)
     if pretrained and cfg.training.seq_len > args.max_position_embeddings and not rope_changed(cfg.model):
         return (f"training.seq_len {cfg.training.seq_len} exceeds the model's max_position_embeddings "
-                f"{args.max_position_embeddings} with its RoPE unchanged (model.rope_theta / rope_scaling / rope_factor "
-                "extend it)")
+                f"{args.max_position_embeddings} with its RoPE unchanged (model.rope_theta / rope_scaling / "
+                "rope_factor extend it)")
     return None
 
 
