@@ -1,6 +1,7 @@
 """The model against transformers: RoPE tables per scaling type, logits of a converted tiny
 LlamaForCausalLM (tied and untied), config.json in both layouts and its bad inputs, the [model]
-rope keys' precedence, the published flavors, and tied embeddings under FSDP2 and TP."""
+rope keys' precedence, the dry run and estimator with flavor hf, the published flavors.
+(Tied embeddings under FSDP2 and TP: test_tied_embeddings.py, whose processes need no transformers.)"""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from tests.dist_utils import run_distributed
-from tests.trainer_utils import read_metrics, tiny_args, train
 from torchtitan_sp.config import ConfigError, load_config
 from torchtitan_sp.models.hf import (
     hf_config,
@@ -298,32 +297,3 @@ def test_published_flavors() -> None:
                 a.rope_original_max_position) == ("llama3", factor, 1.0, 4.0, 8192)
         with torch.device("meta"):
             assert sum(p.numel() for p in Transformer(a).parameters()) == n == param_counts(a)[0], flavor
-
-
-def _tied_worker(rank: int, world: int, dump: str, argv: list[str]) -> dict[str, list[float]]:
-    """dp 2 (FSDP2) and tp 2 in one launch; the tied weight stays one parameter in both."""
-    from torchtitan_sp.train import Trainer
-    out = {}
-    for name, extra in (("dp2", ("--training.local_batch_size", "2")),
-                        ("tp2", ("--parallelism.tensor_parallel_degree", "2"))):
-        cfg, dims = load_and_validate(tiny_args(f"{dump}/{name}", *argv, *extra), world)
-        trainer = Trainer(cfg, dims)
-        m = trainer.model
-        assert m.output.weight is m.tok_embeddings.weight and len(list(m.parameters())) == 2 + 9 * 2
-        trainer.train()
-        torch.distributed.barrier()
-        out[name] = [r["loss"] for r in read_metrics(f"{dump}/{name}")]
-    return out
-
-
-def test_tied_embeddings_fsdp_and_tp_match_one_process(tmp_path: Path) -> None:
-    hf = tmp_path / "hf"
-    LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters={**ROPE["llama3"], "rope_theta": 10000.0},
-                ).save_pretrained(hf)
-    argv = ["--training.steps", "3", "--model.flavor", "hf", "--model.hf_assets_path", str(hf),
-            "--training.local_batch_size", "4"]
-    ref = [r["loss"] for r in run_distributed(train, 1, tiny_args(tmp_path / "ref", *argv))[0]]
-    got = run_distributed(_tied_worker, 2, str(tmp_path), argv)[0]
-    assert ref[-1] < ref[0] - 0.05, ref  # it trains
-    for name, losses in got.items():
-        assert losses == pytest.approx(ref, rel=1e-4), name
