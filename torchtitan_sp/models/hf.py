@@ -104,13 +104,6 @@ def ours_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.
     return dict(to_hf(k, v, args) for k, v in sd.items() if k not in skip)
 
 
-def hf_state_dict_keys(args: ModelArgs) -> list[str]:
-    """The parameter names a HF folder of this shape holds."""
-    block = [f"model.layers.{i}.{name}" for i in range(args.n_layers) for name in _BLOCK.values()]
-    root = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if args.tie_word_embeddings else ["lm_head.weight"])
-    return root + block
-
-
 def _positive(d: dict[str, Any], key: str, default: float | None, path: Path, where: str = "") -> float:
     """d[key] (default when absent or null) as a positive number; ConfigError naming the file and key."""
     value = d.get(key)
