@@ -112,7 +112,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"untied": make_hf_folder(root / "untied"), "tied": make_hf_folder(root / "tied", tied=True)}
     x = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = {"tokens": x[:, :-1], "labels": x[:, 1:], "positions": torch.arange(SEQ).expand(BATCH, SEQ)}
-    for name, folder in list(out.items()):
+    for folder in list(out.values()):
         with torch.no_grad():
             logits = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)(batch["tokens"]).logits
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
@@ -284,7 +284,8 @@ def test_hf_weights_on_one_process_and_four_ranks(folders: dict[str, Path]) -> N
     for rank, result in enumerate(four):
         mem = result["memory"]
         assert mem["grown_bytes"] < fp32_bytes / 2, (mem["grown_bytes"], fp32_bytes)
-        assert torch.equal(torch.load(root / "p4-big" / f"wk-{rank}.pt"), unpermute_rows(file["model.layers.0.self_attn.k_proj.weight"].float(), 2))
+        wk = unpermute_rows(file["model.layers.0.self_attn.k_proj.weight"].float(), 2)
+        assert torch.equal(torch.load(root / "p4-big" / f"wk-{rank}.pt"), wk)
         assert mem["emb_sum"] == file["model.embed_tokens.weight"].double().sum().item()
 
 
@@ -343,7 +344,8 @@ def _bad_inputs(folder: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                         f"has no {q} \\(\\[64, 64\\] in model.flavor 'hf'"),
         "other shape": ([*load, str(_write_set(tmp / "shape", {**shapes, q: [32, 64]}))],
                         f"{q} is \\[32, 64\\] there, \\[64, 64\\] in model.flavor 'hf'"),
-        "unexpected key": ([*load, str(_write_set(tmp / "extra", {**shapes, "model.layers.2.mlp.up_proj.weight": [4]}))],
+        "unexpected key": ([*load, str(_write_set(tmp / "extra", {**shapes, "model.layers.2.mlp.up_proj.weight": [4]}))
+                            ],
                            "unexpected key model.layers.2.mlp.up_proj.weight \\(1 in all\\)"),
         "tokenizer beyond vocab": (["--model.flavor", "hf", "--model.hf_assets_path", str(small_vocab),
                                     "--training.dataset", "stdlib"],
