@@ -193,7 +193,8 @@ def _permute_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], fn: Callable, 
     """dst = fn(src, heads) for each (src, dst) of the same global shape and sharding. Local when
     every rank holds whole heads of every tensor (agreed over all ranks); else each tensor in turn is
     gathered, permuted and re-sharded."""
-    whole = torch.tensor([all(_whole_heads(src, head_dim) for src, _ in pairs)], dtype=torch.int32)
+    device = _local(pairs[0][0]).device  # the default group's: NCCL takes CUDA tensors only
+    whole = torch.tensor([all(_whole_heads(src, head_dim) for src, _ in pairs)], dtype=torch.int32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(whole, op=dist.ReduceOp.MIN)
     for src, dst in pairs:
