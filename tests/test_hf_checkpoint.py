@@ -328,6 +328,10 @@ def _bad_inputs(folder: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                                     multiple_of=64, ffn_dim_multiplier=None)).state_dict().items()}
     torch.save(debug, tmp / "one_layer.pt")
     torch.save({**debug, "extra.weight": torch.zeros(1)}, tmp / "extra.pt")
+    no_tokenizer = tmp / "no_tokenizer"
+    no_tokenizer.mkdir()
+    shutil.copy(folder / "config.json", no_tokenizer / "config.json")
+    (tmp / "bad.json").write_text("{}")
     load = ["--model.flavor", "hf", "--model.hf_assets_path", str(folder), "--checkpoint.initial_load_in_hf", "true",
             "--checkpoint.initial_load_path"]
     return {
@@ -351,6 +355,12 @@ def _bad_inputs(folder: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                     "--training.dataset", "stdlib"],
                                    f"model.tokenizer_path: {small_vocab}/tokenizer.json has 2048 tokens, more than "
                                    "the model's vocab_size 1024"),
+        "no tokenizer in the folder": (["--model.flavor", "hf", "--model.hf_assets_path", str(no_tokenizer),
+                                        "--training.dataset", "stdlib"],
+                                       f"model.hf_assets_path: {no_tokenizer} has neither tokenizer.json nor "
+                                       "original/tokenizer.model; set model.tokenizer_path"),
+        "bad tokenizer.json": (["--model.tokenizer_path", str(tmp / "bad.json"), "--training.dataset", "stdlib"],
+                               f"model.tokenizer_path: cannot read {tmp}/bad.json as a tokenizer.json: "),
         "model.pt of another shape": (["--checkpoint.initial_load_path", str(tmp / "one_layer.pt")],
                                       "one_layer.pt holds another model than model.flavor 'debug': "
                                       "layers.1.attention.wq.weight is absent there, \\[128, 128\\] here"),
@@ -372,3 +382,18 @@ def test_bad_input_is_one_line_before_launch(folders: dict[str, Path], tmp_path:
     assert not (tmp_path / "dump").exists()
     # seq_len past max_position_embeddings with the RoPE unchanged is allowed (extension is the point).
     load_and_validate(hf_args(folders["untied"], tmp_path / "dump", "--training.seq_len", "128"), world_size=1)
+
+
+def test_export_config_carries_the_run(folders: dict[str, Path]) -> None:
+    """config.json of an export: the source's token ids, this run's RoPE, max_position_embeddings raised to
+    the trained seq_len, the export dtype; transformers reads it as the same RoPE."""
+    from torchtitan_sp.hf_checkpoint import export_config
+    from torchtitan_sp.models.shape import model_args
+    cfg = load_config(hf_args(folders["untied"], folders["root"] / "cfg", "--training.seq_len", "256",
+                              "--model.rope_theta", "1000000", "--model.rope_factor", "16"))
+    config = export_config(cfg, model_args(cfg.model), "bfloat16")
+    assert (config["max_position_embeddings"], config["bos_token_id"], config["torch_dtype"]) == (256, 1792, "bfloat16")
+    assert config["rope_theta"] == 1e6 and config["rope_scaling"]["factor"] == 16
+    rope = LlamaConfig(**config).rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["rope_theta"], rope["original_max_position_embeddings"]) == \
+        ("llama3", 16, 1e6, 16)
