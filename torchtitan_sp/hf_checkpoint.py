@@ -151,7 +151,9 @@ def check_model_pt(path: Path, args: ModelArgs, what: str) -> None:
     with torch.device("meta"):
         want = {k: list(v.shape) for k, v in Transformer(args).state_dict().items()}
     have = {k: list(v.shape) if isinstance(v, torch.Tensor) else None for k, v in saved.items()}
-    for k in [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]:
+    differ = [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]
+    if differ:
+        k = differ[0]
         raise ValueError(f"checkpoint.initial_load_path: {path} holds another model than {what}: {k} is "
                          f"{have[k] if k in have else 'absent'} there, {want[k] if k in want else 'absent'} here")
 
