@@ -110,14 +110,14 @@ def _cp_groups_worker(rank: int, world: int) -> tuple[int, bool]:
     from torch.distributed.distributed_c10d import _world
 
     from torchtitan_sp.config import load_config
-    from torchtitan_sp.models.llama3 import model_args
+    from torchtitan_sp.models.shape import model_args
     from torchtitan_sp.parallel_dims import ParallelDims
     from torchtitan_sp.parallelize.cp import apply_cp
     cfg = load_config(["--parallelism.context_parallel_degree", "4", "--parallelism.context_parallel_strategy",
                        "usp", "--parallelism.context_parallel_ulysses_degree", "2", "--model.n_layers", "6"])
     meshes = ParallelDims.from_config(cfg, world).build_mesh("cpu")
     with torch.device("meta"):
-        model = Transformer(model_args("debug", 6))
+        model = Transformer(model_args(cfg.model))
     before = len(_world.pg_map)
     apply_cp(model, meshes["cp"], cfg.parallelism)
     modules = {id(block.attention.inner_attention) for block in model.layers.values()}

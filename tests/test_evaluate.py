@@ -23,7 +23,7 @@ from tests.trainer_utils import read_metrics
 from torchtitan_sp.config import load_config
 from torchtitan_sp.data.tokenizer import Tokenizer
 from torchtitan_sp.evaluate import batches, position_buckets, validation_samples
-from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
+from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights
 from torchtitan_sp.passkey import filler_tokens, make_trial
 from torchtitan_sp.rules import load_and_validate, validate
 from torchtitan_sp.train import Trainer
@@ -47,7 +47,7 @@ def passkey_model(path: Path) -> None:
     torch.manual_seed(0)
     tok = Tokenizer(REPO / "assets/tokenizer/tokenizer.model")
     filler = filler_tokens(tok, None, 0)
-    model = Transformer(model_args("debug"))
+    model = Transformer(FLAVORS["debug"])
     init_weights(model, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     rng = random.Random(1)
@@ -95,7 +95,7 @@ def run_all(rank: int, world: int, tmp: str, runs: dict[str, list[str]]) -> dict
 def direct_validation(tmp: str) -> dict:
     """val_loss and loss by position computed without the trainer: plain model, every batch whole."""
     cfg = load_config([*common(Path(tmp)), "--job.dump_folder", f"{tmp}/direct"])
-    model = Transformer(model_args("debug"))
+    model = Transformer(FLAVORS["debug"])
     model.load_state_dict(torch.load(f"{tmp}/passkey.pt", weights_only=True))
     starts = position_buckets(256)
     sums, counts = [0.0] * len(starts), [0] * len(starts)

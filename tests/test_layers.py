@@ -14,7 +14,7 @@ LAYERS = {
     "config": 0,  # the configuration: dataclasses, parsing, single-key checks (no torch)
     "models": 1, "attention": 1,  # one rank's math: the Llama model, attention kernels and strategies
     "parallel_dims": 2, "parallelize": 2, "loss": 2, "optim": 2, "data": 2, "metrics": 2,  # components
-    "memory_model": 2, "memory_measure": 2, "checkpoint_files": 2, "evaluate": 2, "passkey": 2,
+    "memory_model": 2, "memory_measure": 2, "checkpoint_files": 2, "hf_checkpoint": 2, "evaluate": 2, "passkey": 2,
     "meaningful": 2, "interrupt": 2, "progress": 2,
     "rules": 3, "memory_report": 3, "host_memory": 3,  # checks of a whole config; the estimator's tables
     "checkpoint": 4,  # CheckpointManager: saves what the trainer hands it

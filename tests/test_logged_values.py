@@ -15,14 +15,15 @@ from tests.dist_utils import run_distributed
 from tests.trainer_utils import tiny_args, train
 from torchtitan_sp.config import load_config
 from torchtitan_sp.data import build_dataloader
-from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
+from torchtitan_sp.models.llama3 import Transformer, init_weights
+from torchtitan_sp.models.shape import model_args
 
 
 def first_step_by_hand(argv: list[str], dp: int) -> list[tuple[float, int]]:
     """Per data-parallel rank: (mean token loss, valid labels) of its first batch under the initial
     weights, on one process with plain F.cross_entropy."""
     cfg = load_config(argv)
-    args = model_args(cfg.model.flavor, cfg.model.n_layers)
+    args = model_args(cfg.model)
     model = Transformer(args)
     init_weights(model, cfg.debug.seed)
     out = []

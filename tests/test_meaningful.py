@@ -13,6 +13,7 @@ TABLE has one entry per key (a key added to config.py without one fails test_eve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -34,7 +35,9 @@ from torchtitan_sp.data import build_dataloader
 from torchtitan_sp.evaluate import describe_evaluation
 from torchtitan_sp.meaningful import RULES, check_meaningful
 from torchtitan_sp.metrics import use_color
-from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
+from torchtitan_sp.models.hf import hf_config
+from torchtitan_sp.models.llama3 import FLAVORS, Transformer, init_weights
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.optim import build_optimizer, lr_factor
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.rules import validate
@@ -79,6 +82,14 @@ def table(tmp: Path) -> dict[str, Entry]:
     chat = ["--training.dataset", "chat", "--training.dataset_path", str(tmp / "chat.jsonl"),
             "--training.seq_len", "256"]
     val = ["--validation.enable", "--validation.dataset", "synthetic", "--validation.steps", "2"]
+    hf = []  # two Hugging Face folders' config.json: the debug shape with 2 and with 1 blocks
+    for layers in (2, 1):
+        (tmp / f"hf{layers}").mkdir()
+        config = hf_config(dataclasses.replace(FLAVORS["debug"], n_layers=layers))
+        (tmp / f"hf{layers}" / "config.json").write_text(json.dumps(config))
+        hf.append(str(tmp / f"hf{layers}"))
+    llama3_rope = ["--model.flavor", "8B"]  # Llama 3.1's scaling: llama3, factor 8
+    yarn = ["--model.rope_scaling", "yarn", "--model.rope_factor", "4"]
     passkey = [*val, "--passkey.lengths", "64"]
     return {
         "job.config_file": Entry("llama3_8b.toml", "model"),
@@ -88,6 +99,16 @@ def table(tmp: Path) -> dict[str, Entry]:
         "model.name": Entry("llama3", "only_choice"),
         "model.flavor": Entry("1B", "model"),
         "model.n_layers": Entry("1", "model"),
+        "model.hf_assets_path": Entry(hf[1], "model", ["--model.flavor", "hf", "--model.hf_assets_path", hf[0]]),
+        "model.rope_theta": Entry("10000", "model"),
+        "model.rope_scaling": Entry("linear", "model", llama3_rope),
+        "model.rope_factor": Entry("16", "model", llama3_rope),
+        "model.rope_low_freq_factor": Entry("2", "model", llama3_rope),
+        "model.rope_high_freq_factor": Entry("8", "model", llama3_rope),
+        "model.rope_original_max_position": Entry("4096", "model", llama3_rope),
+        "model.rope_yarn_beta_fast": Entry("16", "model", yarn),
+        "model.rope_yarn_beta_slow": Entry("2", "model", yarn),
+        "model.rope_attention_factor": Entry("1.5", "model", yarn),
         "model.tokenizer_path": Entry(_tokenizer_half(tmp), "batch", stdlib, trigger=[]),
         "optimizer.name": Entry("AdamW", "only_choice"),
         "optimizer.lr": Entry("0.5", "optimizer"),
@@ -149,6 +170,9 @@ def table(tmp: Path) -> dict[str, Entry]:
         "checkpoint.load_step": Entry("1", "run:resumed_from", [*ENABLE, "--checkpoint.interval", "1"]),
         "checkpoint.initial_load_path": Entry("{context_folder}/checkpoint/step-2", "run:initialized_from", ENABLE),
         "checkpoint.export_final": Entry("true", "run:checkpoints"),
+        "checkpoint.initial_load_in_hf": Entry("true", "model"),  # without a folder to load: rejected
+        "checkpoint.last_save_in_hf": Entry("true", "run:checkpoints"),
+        "checkpoint.export_dtype": Entry("bfloat16", "model"),  # without last_save_in_hf: rejected
         "checkpoint.save_on_sigterm": Entry("false", "run:watches_signals", ENABLE, trigger=[]),
         "comm.init_timeout_seconds": Entry("77", "run:init_timeout"),
         "comm.train_timeout_seconds": Entry("55", "run:train_timeout"),
@@ -182,12 +206,12 @@ def _dry_run_text(cfg, dims) -> str:
 
 
 def _first_batch(cfg, dims) -> list:
-    loader = build_dataloader(cfg, model_args(cfg.model.flavor).vocab_size, 0, dims.dp)
+    loader = build_dataloader(cfg, model_args(cfg.model).vocab_size, 0, dims.dp)
     return next(iter(loader))["tokens"].tolist()
 
 
 def _first_labels(cfg, dims) -> list:
-    loader = build_dataloader(cfg, model_args(cfg.model.flavor).vocab_size, 0, dims.dp)
+    loader = build_dataloader(cfg, model_args(cfg.model).vocab_size, 0, dims.dp)
     return next(iter(loader))["labels"].tolist()
 
 
@@ -199,7 +223,7 @@ def _optimizer(cfg, dims) -> tuple:
 
 def _init(cfg, dims) -> float:
     torch.manual_seed(0)
-    model = Transformer(model_args("debug", 1))
+    model = Transformer(dataclasses.replace(FLAVORS["debug"], n_layers=1))
     init_weights(model, cfg.debug.seed)
     return float(next(model.parameters()).detach().sum())
 
@@ -218,7 +242,7 @@ def _main(cfg, dims) -> str:
 
 
 STATIC: dict[str, Callable[[Any, Any], Any]] = {
-    "model": lambda cfg, dims: model_args(cfg.model.flavor, cfg.model.n_layers),
+    "model": lambda cfg, dims: model_args(cfg.model),
     "dims": lambda cfg, dims: (astuple(dims), dims.grad_accum_steps(cfg)),
     "optimizer": _optimizer,
     "schedule": lambda cfg, dims: [lr_factor(s, cfg.training.steps, cfg.lr_scheduler)

@@ -75,7 +75,7 @@ def _tp_model_worker(rank: int, world_size: int) -> dict[str, Any]:
 
     # One block's forward: the TP-SP collectives and the bytes they send.
     x = torch.randn(B, S // world_size, args.dim)  # this rank's sequence shard
-    cos, sin = rope_angles(positions, args.head_dim, args.rope_theta)
+    cos, sin = rope_angles(positions, args)
     with torch.no_grad(), CommDebugMode() as comm, CommCounter() as counter:
         model.layers["0"](x, cos, sin, None)
     out["comm_counts"] = {str(k): v for k, v in comm.get_comm_counts().items()}

@@ -7,6 +7,7 @@ Layout under <job.dump_folder>/<checkpoint.folder>:
                mid-save never leaves a partial step-N. At resume rank 0 removes a step-N.tmp without
                .metadata and publishes one with it (complete, but not renamed before the stop).
   model.pt     checkpoint.export_final: the full model state dict alone (torch.save), for use elsewhere.
+  step-N-hf/   checkpoint.last_save_in_hf: the final model as a Hugging Face folder (hf_checkpoint.py).
 The lr schedule is not saved: it is a function of the step and of the resumed run's keys, which
 win over the saved optimizer's lr, betas, eps and weight decay (so a resume may change them).
 
@@ -55,8 +56,10 @@ from torchtitan_sp.checkpoint_files import complete_checkpoints, resume_path
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.sources import MIXTURE_STATE, mixture_resume_after
 from torchtitan_sp.data.text import Cursor, resume_after
+from torchtitan_sp.hf_checkpoint import export_hf, load_hf_weights
 from torchtitan_sp.interrupt import CTRL_C, EXIT_INTERRUPTED
 from torchtitan_sp.interrupt import install as install_ctrl_c
+from torchtitan_sp.models.shape import model_args
 
 logger = logging.getLogger("torchtitan_sp")
 
@@ -97,7 +100,7 @@ class CheckpointManager:
 
     def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                  dataloader: StatefulDataLoader, train_state: TrainState, dp_mesh: DeviceMesh):
-        self.ck = cfg.checkpoint
+        self.cfg, self.ck = cfg, cfg.checkpoint
         self.model, self.optimizer, self.dataloader, self.train_state = model, optimizer, dataloader, train_state
         self.folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
         self.metrics_file = Path(cfg.job.dump_folder) / "metrics.jsonl"
@@ -150,7 +153,9 @@ class CheckpointManager:
             if path is not None:
                 self._load_checkpoint(path)
                 return
-        if self.ck.initial_load_path:
+        if self.ck.initial_load_path and self.ck.initial_load_in_hf:
+            load_hf_weights(self.model, resolve_repo_path(self.ck.initial_load_path), model_args(self.cfg.model))
+        elif self.ck.initial_load_path:
             self._load_weights(resolve_repo_path(self.ck.initial_load_path))
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -245,6 +250,8 @@ class CheckpointManager:
         stop = bool(signum) and not last  # at the last step the run simply ends
         if self.ck.enable and (last or stop or step % self.ck.interval == 0):
             self.save(step)
+        if last and self.ck.last_save_in_hf:
+            export_hf(self.model, model_args(self.cfg.model), self.cfg, self.folder / f"step-{step}-hf", self.pg)
         if last and self.ck.export_final:
             self.export()
         if stop:

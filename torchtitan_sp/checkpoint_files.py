@@ -14,7 +14,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from torchtitan_sp.config import Config, resolve_repo_path
-from torchtitan_sp.models.llama3 import Transformer, model_args
+from torchtitan_sp.hf_checkpoint import check_initial_weights
+from torchtitan_sp.models.llama3 import Transformer
+from torchtitan_sp.models.shape import model_args
 
 STEP_DIR = re.compile(r"^step-(\d+)(?:\.tmp)?$")
 
@@ -51,7 +53,7 @@ def check_checkpoint(cfg: Config) -> None:
     path = resume_path(Path(cfg.job.dump_folder) / ck.folder, ck.load_step) if ck.enable else None
     if path is None and ck.initial_load_path:
         key, path = "checkpoint.initial_load_path", resolve_repo_path(ck.initial_load_path)
-        if path.is_file():  # an exported model.pt; its keys are checked when loaded
+        if check_initial_weights(cfg, path):  # a Hugging Face folder or an exported model.pt
             return
     if path is None:
         return
@@ -60,7 +62,7 @@ def check_checkpoint(cfg: Config) -> None:
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     have = {k: tuple(m.size) for k, m in saved.items() if k.startswith("model.") and hasattr(m, "size")}
     with torch.device("meta"):
-        model = Transformer(model_args(cfg.model.flavor, cfg.model.n_layers))
+        model = Transformer(model_args(cfg.model))
     want = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
     differ = [k for k in want if want[k] != have.get(k)] + [k for k in have if k not in want]
     if differ:

@@ -46,14 +46,37 @@ class Job:
 
 @dataclass
 class Model:
+    """The shape is the flavor's (with flavor hf: hf_assets_path's config.json); a rope_* key set here
+    replaces that value (command line > TOML > flavor / config.json; 0 or "" = keep it). models/shape.py."""
+
     name: str = "llama3"
     """Model family (only llama3)."""
     flavor: str = "debug"
-    """Shape: debug | 1B | 3B | 8B | 70B | 405B."""
+    """Shape: debug | 1B | 3B (Llama 3.2) | 8B | 70B | 405B (Llama 3.1) | hf (config.json of model.hf_assets_path)."""
+    hf_assets_path: str = ""
+    """Hugging Face Llama folder: the shape with flavor hf; also the tokenizer and the HF export's files."""
     n_layers: int = 0
     """Blocks (0 = the flavor's): fewer keep the flavor's first N, more deepen it with blocks of the same shape."""
-    tokenizer_path: str = "assets/tokenizer/tokenizer.model"
-    """tiktoken BPE ranks file in Llama 3 tokenizer.model format (relative: cwd, else the repo)."""
+    rope_theta: float = 0.0
+    """RoPE base (0 = the flavor's, or config.json's with flavor hf); raise it to extend the context."""
+    rope_scaling: str = ""
+    """RoPE frequency scaling: none | llama3 | yarn | linear ("" = the flavor's / config.json's)."""
+    rope_factor: float = 0.0
+    """llama3 | yarn | linear: context extension factor >= 1 (0 = the flavor's; needed to change the type)."""
+    rope_low_freq_factor: float = 0.0
+    """llama3: wavelengths above original_max_position / this are divided by rope_factor (0 = the flavor's, else 1)."""
+    rope_high_freq_factor: float = 0.0
+    """llama3: wavelengths below original_max_position / this stay unscaled (0 = the flavor's, else 4)."""
+    rope_original_max_position: int = 0
+    """llama3 | yarn: context length before the extension (0 = the flavor's, else its max_position_embeddings)."""
+    rope_yarn_beta_fast: float = 0.0
+    """yarn: rotations below which frequencies are interpolated fully (0 = the flavor's, else 32)."""
+    rope_yarn_beta_slow: float = 0.0
+    """yarn: rotations above which frequencies are kept (0 = the flavor's, else 1)."""
+    rope_attention_factor: float = 0.0
+    """yarn: scale of cos and sin (0 = the flavor's, else 0.1 ln(rope_factor) + 1)."""
+    tokenizer_path: str = ""
+    """tiktoken ranks file (Llama 3 tokenizer.model) or HF tokenizer.json; "" = hf_assets_path's tokenizer.json, else its original/tokenizer.model, else assets/tokenizer/tokenizer.model."""  # noqa: E501
 
 
 @dataclass
@@ -197,9 +220,15 @@ class Checkpoint:
     load_step: int = -1
     """Resume from this step instead of the newest (-1 = newest)."""
     initial_load_path: str = ""
-    """Start from model weights only (fresh optimizer, step 0): a DCP step-N folder or an exported model.pt."""
+    """Start from model weights only (fresh optimizer, step 0): a DCP step-N folder, an exported model.pt, or a HF folder (initial_load_in_hf)."""  # noqa: E501
     export_final: bool = False
     """After the last step, write the model weights alone to <folder>/model.pt."""
+    initial_load_in_hf: bool = False
+    """initial_load_path is a Hugging Face folder of safetensors (model.safetensors or shards + index), read shard by shard."""  # noqa: E501
+    last_save_in_hf: bool = False
+    """After the last step, write a Hugging Face folder <folder>/step-N-hf (safetensors, config.json, tokenizer files)."""  # noqa: E501
+    export_dtype: str = "float32"
+    """Weights dtype of last_save_in_hf: float32 | bfloat16."""
     save_on_sigterm: bool = True
     """On SIGTERM or Ctrl-C (SIGINT), finish the step and save a checkpoint before exiting (143 / 130)."""
 
@@ -278,7 +307,7 @@ class Config:
 # Choices checked for string keys: key -> valid values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("llama3",),
-    "model.flavor": ("debug", "1B", "3B", "8B", "70B", "405B"),
+    "model.flavor": ("debug", "1B", "3B", "8B", "70B", "405B", "hf"),
     "optimizer.name": ("AdamW",),
     "optimizer.implementation": ("fused", "foreach", "for-loop"),
     "lr_scheduler.decay_type": ("linear", "cosine", "none"),
@@ -293,6 +322,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "checkpoint.async_mode": ("disabled", "async"),
     "validation.dataset": ("files", "stdlib", "synthetic"),
+    "checkpoint.export_dtype": ("float32", "bfloat16"),
 }
 
 

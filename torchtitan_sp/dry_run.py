@@ -14,7 +14,8 @@ import torch
 from torchtitan_sp.config import Config
 from torchtitan_sp.memory_model import Setup, param_counts
 from torchtitan_sp.memory_report import DEFAULT_GPU_MEM_GIB, report
-from torchtitan_sp.models.llama3 import Transformer, model_args
+from torchtitan_sp.models.llama3 import Transformer
+from torchtitan_sp.models.shape import model_args, rope_text
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.ac import apply_ac
 from torchtitan_sp.parallelize.memory import apply_tiled_mlp
@@ -45,7 +46,7 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
     for line in mesh_lines(dims):
         print(line)
 
-    args = model_args(cfg.model.flavor, cfg.model.n_layers)
+    args = model_args(cfg.model)
     with torch.device("meta"):  # no storage: an 8B model costs nothing here
         model = Transformer(args)
         tiled = apply_tiled_mlp(model, ac.tiled_mlp_shards)
@@ -54,7 +55,7 @@ def dry_run(cfg: Config, dims: ParallelDims) -> None:
     n, n_root, n_block = param_counts(args)
     assert n == sum(p.numel() for p in model.parameters())
     print(f"model: Llama 3 {cfg.model.flavor}, {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
-          f"({args.n_kv_heads} KV), ffn {args.ffn_hidden}, vocab {args.vocab_size}")
+          f"({args.n_kv_heads} KV), ffn {args.ffn_hidden}, vocab {args.vocab_size}, {rope_text(args)}")
     print(f"  parameters {n:,} ({n - args.vocab_size * args.dim:,} without the embedding): "
           f"{n_block:,} per block, {n_root:,} in embedding + output + final norm")
     shard = dims.dp_shard * dims.cp * dims.tp

@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate
 
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
-from torchtitan_sp.config import Config, ConfigError, resolve_repo_path
+from torchtitan_sp.config import Config, ConfigError
 from torchtitan_sp.data.packing import empty_batch
 from torchtitan_sp.data.synthetic import SyntheticTokens
 from torchtitan_sp.data.text import (
@@ -36,7 +36,7 @@ from torchtitan_sp.data.text import (
     Document,
     TextDataset,
     check_file,
-    check_tokenizer_vocab,
+    load_tokenizer,
     parse_text,
     records,
     resolve_files,
@@ -44,7 +44,7 @@ from torchtitan_sp.data.text import (
 )
 from torchtitan_sp.data.tokenizer import Tokenizer
 from torchtitan_sp.loss import loss_chunk_tokens
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.passkey import PasskeyProbe, parse_depths, parse_lengths, trial_overhead
 
@@ -78,15 +78,13 @@ def _keyed(e: ValueError) -> ConfigError:
 def validation_inputs(cfg: Config) -> tuple[Tokenizer, list[Path]]:
     """The tokenizer and the held-out files, checked (errors name validation's keys)."""
     v = cfg.validation
-    path = resolve_repo_path(cfg.model.tokenizer_path)
-    tokenizer = Tokenizer(path)
-    check_tokenizer_vocab(tokenizer.n_words, FLAVORS[cfg.model.flavor].vocab_size, str(path))
+    tokenizer = load_tokenizer(cfg)
     if v.dataset == "stdlib":
         return tokenizer, stdlib_files()
     try:
         files = resolve_files(v.dataset_path)
         for f in files:
-            check_file(f, TEXT_COLUMNS, TEXT_NEEDS, parse_text(FLAVORS[cfg.model.flavor].vocab_size))
+            check_file(f, TEXT_COLUMNS, TEXT_NEEDS, parse_text(model_args(cfg.model).vocab_size))
     except ValueError as e:
         raise _keyed(e) from None
     return tokenizer, files
@@ -107,7 +105,7 @@ class OneEpoch(Corpus):
 def validation_corpus(cfg: Config, files: list[Path]) -> OneEpoch:
     """The whole held-out set as one rank's corpus (its samples are dealt to the dp ranks later)."""
     return OneEpoch(files, cfg.debug.seed, 0, 1, "validation.dataset_path",
-                    parse_text(FLAVORS[cfg.model.flavor].vocab_size))
+                    parse_text(model_args(cfg.model).vocab_size))
 
 
 def validation_samples(cfg: Config, vocab_size: int, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -172,7 +170,7 @@ def check_evaluation(cfg: Config, dims: ParallelDims) -> None:
     if pk.lengths:
         lengths = parse_lengths(pk.lengths)
         parse_depths(pk.depths)
-        tokenizer = tokenizer or Tokenizer(resolve_repo_path(cfg.model.tokenizer_path))
+        tokenizer = tokenizer or load_tokenizer(cfg)
         least = trial_overhead(tokenizer, pk.digits) + 1
         for n in lengths:
             if n % multiple:

@@ -21,14 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from torchtitan_sp.config import ConfigError, load_config, resolve_repo_path
-from torchtitan_sp.data.tokenizer import Tokenizer
-from torchtitan_sp.models.llama3 import Transformer, apply_rope, model_args, rope_angles
+from torchtitan_sp.data.text import load_tokenizer
+from torchtitan_sp.hf_checkpoint import load_hf_weights
+from torchtitan_sp.models.llama3 import ModelArgs, Transformer, apply_rope, rope_angles
+from torchtitan_sp.models.shape import model_args
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, Hkv, T, D)
 
 
-def load_weights(model: Transformer, path: Path) -> None:
-    """Model weights from a DCP checkpoint folder or an exported model.pt."""
+def load_weights(model: Transformer, path: Path, args: ModelArgs) -> None:
+    """Model weights from a DCP checkpoint folder, an exported model.pt or a Hugging Face folder."""
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     elif (path / ".metadata").is_file():
@@ -38,13 +40,13 @@ def load_weights(model: Transformer, path: Path) -> None:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(path), no_dist=True)
         model.load_state_dict(state["model"])
-    elif (path / "config.json").is_file():  # hook for HF folders: loading them is checkpoint.initial_load_in_hf's
-        raise ConfigError(f"checkpoint.initial_load_path: {path} is a Hugging Face folder; generate loads DCP "
-                          "checkpoints and model.pt files (convert it by a training run with "
-                          "checkpoint.export_final, or load it once HF loading is available here)")
+    elif (path / "config.json").is_file():  # a Hugging Face folder (model.flavor hf names its shape)
+        with warnings.catch_warnings():  # DCP's single-process note, as above
+            warnings.simplefilter("ignore", UserWarning)
+            load_hf_weights(model, path, args)
     else:
-        raise ConfigError(f"checkpoint.initial_load_path: {path} is neither a DCP checkpoint folder (with .metadata) "
-                          "nor a model.pt file")
+        raise ConfigError(f"checkpoint.initial_load_path: {path} is neither a DCP checkpoint folder (with .metadata), "
+                          "a model.pt file nor a Hugging Face folder (with config.json)")
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> 
     start = cache[0][0].shape[2] if cache else 0
     t = tokens.shape[1]
     positions = torch.arange(start, start + t, device=tokens.device).expand(tokens.shape[0], -1)
-    cos, sin = rope_angles(positions, model.args.head_dim, model.args.rope_theta)
+    cos, sin = rope_angles(positions, model.args)
     # Query i (at start + i) sees keys 0 .. start + i; with T = 1 that is every key.
     mask = torch.ones(t, start + t, dtype=torch.bool, device=tokens.device).tril(start)
     h = model.tok_embeddings(tokens)
@@ -127,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         if not path:
             raise ConfigError("checkpoint.initial_load_path: give the weights to sample from (a DCP step-N folder "
                               "or a model.pt)")
-        tokenizer = Tokenizer(resolve_repo_path(cfg.model.tokenizer_path))
+        tokenizer = load_tokenizer(cfg)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with torch.device("meta"):
-            model = Transformer(model_args(cfg.model.flavor, cfg.model.n_layers))
+            shape = model_args(cfg.model)
+            model = Transformer(shape)
         model.to_empty(device="cpu")
-        load_weights(model, resolve_repo_path(path))
+        model.tie_weights()
+        load_weights(model, resolve_repo_path(path), shape)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

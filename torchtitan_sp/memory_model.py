@@ -35,7 +35,8 @@ from typing import Any
 from torchtitan_sp.attention import GATHERED_FOR_DOCUMENTS
 from torchtitan_sp.config import Config
 from torchtitan_sp.loss import loss_chunk_tokens, loss_is_chunked
-from torchtitan_sp.models.llama3 import ModelArgs, model_args
+from torchtitan_sp.models.llama3 import ModelArgs
+from torchtitan_sp.models.shape import model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize.fsdp import reshard_after_forward
 
@@ -76,7 +77,7 @@ class Setup:
     @classmethod
     def from_config(cls, cfg: Config, dims: ParallelDims, device: str = "cuda") -> "Setup":
         p, ac = cfg.parallelism, cfg.activation_checkpoint
-        setup = cls(args=model_args(cfg.model.flavor, cfg.model.n_layers), batch=cfg.training.local_batch_size,
+        setup = cls(args=model_args(cfg.model), batch=cfg.training.local_batch_size,
                    seq_len=cfg.training.seq_len, dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard,
                    cp=dims.cp, tp=dims.tp, strategy=p.context_parallel_strategy,
                    rotate_method=p.context_parallel_rotate_method, ulysses=p.context_parallel_ulysses_degree,
@@ -114,7 +115,7 @@ def param_counts(args: ModelArgs) -> tuple[int, int, int]:
     """(all parameters, root parameters: embedding + output + final norm, parameters of one block)."""
     d, dkv = args.dim, args.n_kv_heads * args.head_dim
     block = d * (2 * d + 2 * dkv) + 3 * d * args.ffn_hidden + 2 * d
-    root = 2 * args.vocab_size * d + d
+    root = (1 if args.tie_word_embeddings else 2) * args.vocab_size * d + d
     return root + args.n_layers * block, root, block
 
 

@@ -38,7 +38,7 @@ def flops_per_token(args: ModelArgs, n_params: int, seq_len: int) -> float:
     TorchTitan's convention: the attention term counts the full S x S score matrix (no causal
     discount), so numbers compare with its logs.
     """
-    n_embedding = args.vocab_size * args.dim
+    n_embedding = 0 if args.tie_word_embeddings else args.vocab_size * args.dim  # tied: it is the output too
     return 6 * (n_params - n_embedding) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 

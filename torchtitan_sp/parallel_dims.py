@@ -15,7 +15,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_sp.config import Config, ConfigError
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.models.shape import model_args
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ParallelDims:
 
     def validate(self, cfg: Config) -> None:
         """Rules that combine the degrees with the model and the data."""
-        args = FLAVORS[cfg.model.flavor]
+        args = model_args(cfg.model)
         t, p = cfg.training, cfg.parallelism
         # the model's constraint first: no seq_len fixes a tp that cannot split the heads
         if args.n_heads % self.tp or args.n_kv_heads % self.tp:

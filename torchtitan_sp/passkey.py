@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
-from torchtitan_sp.config import ConfigError, resolve_repo_path
+from torchtitan_sp.config import ConfigError
 from torchtitan_sp.data.packing import empty_batch
+from torchtitan_sp.data.text import load_tokenizer
 from torchtitan_sp.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class PasskeyProbe:
         cfg = evaluator.cfg
         self.pk, self.seed = cfg.passkey, cfg.debug.seed
         self.lengths, self.depths = parse_lengths(self.pk.lengths), parse_depths(self.pk.depths)
-        self.tokenizer = Tokenizer(resolve_repo_path(cfg.model.tokenizer_path))
+        self.tokenizer = load_tokenizer(cfg)
         self.filler = filler_tokens(self.tokenizer, texts, max(self.lengths))
         self.folder = Path(cfg.job.dump_folder) / "passkey"
 

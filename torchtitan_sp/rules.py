@@ -21,8 +21,9 @@ from torchtitan_sp.checkpoint_files import check_checkpoint
 from torchtitan_sp.config import Config, ConfigError, load_config, resolve_repo_path
 from torchtitan_sp.data.sources import check_data_config
 from torchtitan_sp.evaluate import check_evaluation
+from torchtitan_sp.hf_checkpoint import check_hf_keys
 from torchtitan_sp.meaningful import check_meaningful
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.models.shape import check_hf_assets_path, model_args
 from torchtitan_sp.parallel_dims import ParallelDims
 
 EXIT_BAD_INPUT = 2
@@ -42,7 +43,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError(f"activation_checkpoint.tiled_mlp_shards: at most the {tokens} tokens per cp rank, "
                           f"got {cfg.activation_checkpoint.tiled_mlp_shards}")
     if dims.cp > 1:
-        args = FLAVORS[cfg.model.flavor]
+        args = model_args(cfg.model)
         check_cp_attention(p.context_parallel_strategy, dims.cp, p.context_parallel_ulysses_degree,
                            p.heads_k_stride, args.n_heads // dims.tp, args.n_kv_heads // dims.tp,
                            rotate_method=p.context_parallel_rotate_method)
@@ -52,6 +53,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
                               f"context_parallel_strategy {p.context_parallel_strategy!r} (its cuDNN/flash block "
                               "kernels take bfloat16 only); use bfloat16, or the ulysses strategy")
     check_data_config(cfg, dims.dp)
+    check_hf_keys(cfg)
+    check_hf_assets_path(cfg)
     if cfg.checkpoint.initial_load_path and not resolve_repo_path(cfg.checkpoint.initial_load_path).exists():
         raise ConfigError(f"checkpoint.initial_load_path: {cfg.checkpoint.initial_load_path} does not exist")
     if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:

@@ -41,7 +41,8 @@ from torchtitan_sp.loss import compiled_cross_entropy_sum, cross_entropy_sum, mo
 from torchtitan_sp.memory_model import GIB, Setup, estimate
 from torchtitan_sp.memory_report import host_advice, host_mem_gib
 from torchtitan_sp.metrics import MetricsLogger, flops_per_token, peak_tflops, use_color
-from torchtitan_sp.models.llama3 import Transformer, init_weights, model_args
+from torchtitan_sp.models.llama3 import Transformer, init_weights
+from torchtitan_sp.models.shape import model_args, rope_text
 from torchtitan_sp.optim import build_lr_scheduler, build_optimizer, restore_hyperparameters
 from torchtitan_sp.parallel_dims import ParallelDims
 from torchtitan_sp.parallelize import parallelize_llama
@@ -109,7 +110,7 @@ class Trainer:
         dp_rank = self.meshes["dp"].get_local_rank()
 
         # Build on the meta device, parallelize, then materialize and initialize.
-        self.model_args = model_args(cfg.model.flavor, cfg.model.n_layers)
+        self.model_args = model_args(cfg.model)
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -135,7 +136,8 @@ class Trainer:
         self.train_state = TrainState()
 
         self.checkpointer = None
-        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path or cfg.checkpoint.export_final:
+        ck = cfg.checkpoint
+        if ck.enable or ck.initial_load_path or ck.export_final or ck.last_save_in_hf:
             self.checkpointer = CheckpointManager(cfg, self.model, self.optimizer, self.dataloader, self.train_state,
                                                   self.meshes["dp"])
             self.checkpointer.load()
@@ -173,7 +175,8 @@ class Trainer:
         t = cfg.training
         n_emb = self.model_args.vocab_size * self.model_args.dim
         logger.info(f"{cfg.job.description or cfg.job.config_file or 'default config'}: Llama 3 {cfg.model.flavor}, "
-                    f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding)")
+                    f"{self.n_params:,} parameters ({self.n_params - n_emb:,} without embedding), "
+                    f"{rope_text(self.model_args)}")
         logger.info(f"mesh dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard} x cp {d.cp} x tp {d.tp} "
                     f"on {d.world_size} {self.device.type} ranks; applied: {', '.join(self.applied)}")
         between = f", {t.seq_len // (d.cp * d.tp)} per rank between blocks with tp" if d.tp > 1 else ""

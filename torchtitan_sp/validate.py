@@ -14,6 +14,7 @@ from torchtitan_sp.config import ConfigError, help_text, load_config
 from torchtitan_sp.dry_run import dry_run
 from torchtitan_sp.host_memory import check_host_memory
 from torchtitan_sp.meaningful import check_meaningful, launch_device
+from torchtitan_sp.models.shape import context_warning, model_args
 from torchtitan_sp.rules import check_local_gpus, exit_bad_input, load_and_validate
 
 EXIT_HANDLED = 3  # --help or a dry run: nothing to launch
@@ -29,6 +30,8 @@ def main() -> None:
         print(help_text(defaults))
         sys.exit(EXIT_HANDLED)
     cfg, dims = load_and_validate(argv)
+    if warning := context_warning(cfg, model_args(cfg.model)):
+        print(f"warning: {warning}", file=sys.stderr)
     if cfg.job.dry_run:
         dry_run(cfg, dims)
         sys.exit(EXIT_HANDLED)

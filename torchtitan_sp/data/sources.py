@@ -38,7 +38,7 @@ from torchtitan_sp.data.text import (
     text_corpus,
 )
 from torchtitan_sp.data.tokenizer import Tokenizer
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.models.shape import model_args
 
 SCAN_BYTES = 64 * 2**20  # corpora up to this size have every record parsed before launch
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -88,7 +88,7 @@ def check_data_keys(cfg: Config) -> None:
 
 
 def chat_corpus(cfg: Config, pattern: str, dp_rank: int, dp_size: int, seed: int) -> Corpus:
-    parse = partial(parse_chat, FLAVORS[cfg.model.flavor].vocab_size)
+    parse = partial(parse_chat, model_args(cfg.model).vocab_size)
     files = resolve_files(pattern, supported=CHAT_SUFFIXES)
     for f in files:
         check_file(f, CHAT_COLUMNS, CHAT_NEEDS, parse)

@@ -39,8 +39,9 @@ from torch.utils.data import IterableDataset
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import Config, resolve_repo_path
 from torchtitan_sp.data.packing import Packer, padded_sample
-from torchtitan_sp.data.tokenizer import Tokenizer
-from torchtitan_sp.models.llama3 import FLAVORS
+from torchtitan_sp.data.tokenizer import HFTokenizer, Tokenizer, tokenizer_file
+from torchtitan_sp.data.tokenizer import load_tokenizer as read_tokenizer
+from torchtitan_sp.models.shape import model_args
 
 PLAIN = (".txt", ".py")  # .py only comes from the stdlib corpus
 SUPPORTED = (".txt", ".jsonl", ".json", ".parquet", ".npy")
@@ -317,7 +318,7 @@ class Corpus:
 class TextDataset(IterableDataset):
     """An infinite, resumable stream of packed (or padded) samples of one dp rank."""
 
-    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, seq_len: int, packing: bool):
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer | HFTokenizer, seq_len: int, packing: bool):
         self.corpus, self.tokenizer, self.seq_len, self.packing = corpus, tokenizer, seq_len, packing
         self.cursor, self.offset = Cursor(0, 0, 0, 0), 0  # where the next sample starts
 
@@ -364,10 +365,11 @@ def resume_after(states: list[dict[str, int]]) -> dict[str, int]:
     return {**cursor._asdict(), "offset": 0}
 
 
-def load_tokenizer(cfg: Config) -> Tokenizer:
-    path = resolve_repo_path(cfg.model.tokenizer_path)
-    tokenizer = Tokenizer(path)
-    check_tokenizer_vocab(tokenizer.n_words, FLAVORS[cfg.model.flavor].vocab_size, str(path))
+def load_tokenizer(cfg: Config) -> Tokenizer | HFTokenizer:
+    """The run's tokenizer (data.tokenizer.tokenizer_file picks the file), checked against the vocabulary."""
+    path = tokenizer_file(cfg.model)
+    tokenizer = read_tokenizer(path)
+    check_tokenizer_vocab(tokenizer.n_words, model_args(cfg.model).vocab_size, str(path))
     return tokenizer
 
 
@@ -376,7 +378,7 @@ TEXT_NEEDS = '"text" or "input_ids"'
 
 def text_corpus(cfg: Config, pattern: str | None, dp_rank: int, dp_size: int, seed: int) -> Corpus:
     """The stdlib corpus (pattern None) or the files of `pattern`, each checked."""
-    parse = parse_text(FLAVORS[cfg.model.flavor].vocab_size)
+    parse = parse_text(model_args(cfg.model).vocab_size)
     if pattern is None:
         return Corpus(stdlib_files(), seed, dp_rank, dp_size, "training.dataset", parse)
     files = resolve_files(pattern)

@@ -1,13 +1,14 @@
 """Llama 3: GQA attention with RoPE on explicit position ids, RMSNorm, SwiGLU feed-forward.
 
-Weights follow Meta's layout (RoPE rotates adjacent pairs), so Meta checkpoints map one to one.
-The attention math on local tokens lives in `Attention.inner_attention`, the one module that
-context-parallel strategies replace.
+Weights follow Meta's layout (RoPE rotates adjacent pairs): Meta's original checkpoints map one to
+one; Hugging Face's store q/k rows permuted for rotate-half RoPE (models/hf.py converts both ways).
+Llama 3.1/3.2 also need their RoPE frequency scaling (`rope_scaling` llama3) and 3.2 1B/3B their tied
+embeddings, both part of ModelArgs and of the published flavors below. The attention math on local
+tokens lives in `Attention.inner_attention`, the one module that context-parallel strategies replace.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = 1.3
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
+    ffn_dim: int = 0  # explicit feed-forward hidden size (config.json's intermediate_size); 0 = from multiple_of
+    max_position_embeddings: int = 8192  # the context the weights were trained for (HF export, seq_len warning)
+    tie_word_embeddings: bool = False  # output projection shares the embedding's weight (Llama 3.2 1B/3B)
+    # RoPE frequency scaling as transformers' ROPE_INIT_FUNCTIONS: none | llama3 | yarn | linear
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # llama3/yarn/linear: context extension factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_position: int = 8192  # llama3/yarn: context before the extension
+    rope_yarn_beta_fast: float = 32.0  # yarn
+    rope_yarn_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0 = 0.1 ln(factor) + 1 (transformers' default)
 
     @property
     def head_dim(self) -> int:
@@ -37,35 +50,75 @@ class ModelArgs:
 
     @property
     def ffn_hidden(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
-# Published Llama 3 / 3.1 / 3.2 shapes; `debug` trains on CPU in seconds.
+# The published models, as their Hugging Face config.json files say: Llama 3.2 1B/3B (tied embeddings,
+# RoPE llama3 scaling x32) and Llama 3.1 8B/70B/405B (x8), all for 131072 tokens; `debug` trains on CPU in seconds.
+_LLAMA31 = dict(rope_scaling="llama3", rope_factor=8.0, max_position_embeddings=131072)
+_LLAMA32 = dict(rope_scaling="llama3", rope_factor=32.0, max_position_embeddings=131072, tie_word_embeddings=True)
 FLAVORS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=2048,
                        multiple_of=64, ffn_dim_multiplier=None),
-    "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5),
-    "3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0),
-    "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3),
-    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
-    "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2),
+    "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5,
+                    **_LLAMA32),
+    "3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0,
+                    **_LLAMA32),
+    "8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3,
+                    **_LLAMA31),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3,
+                     **_LLAMA31),
+    "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2,
+                      **_LLAMA31),
 }
 
 
-def model_args(flavor: str, n_layers: int = 0) -> ModelArgs:
-    """The flavor's shape with `n_layers` blocks if given (0 = the flavor's): fewer cut it, more deepen it."""
-    args = FLAVORS[flavor]
-    return dataclasses.replace(args, n_layers=n_layers) if n_layers else args
+def rope_inv_freq(args: ModelArgs, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the cos/sin scale, as transformers' ROPE_INIT_FUNCTIONS
+    computes them for the same rope_type (same operations, so the tables agree to float32 rounding)."""
+    hd, base = args.head_dim, args.rope_theta
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
+    inv_freq = 1.0 / (base ** exponents)
+    kind, factor = args.rope_scaling, args.rope_factor
+    if kind == "none":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # Llama 3.1: long wavelengths / factor, short kept, a smooth blend between
+        old = args.rope_original_max_position
+        low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # interpolate long wavelengths, extrapolate short ones, ramp between (truncated range)
+        def correction_dim(rotations: float) -> float:
+            return hd * math.log(args.rope_original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(args.rope_yarn_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(args.rope_yarn_beta_slow)), hd - 1)
+        ramp = (torch.arange(hd // 2, dtype=torch.float32) - low) / ((high + 0.001 if low == high else high) - low)
+        extrapolation = 1 - ramp.clamp(0, 1).to(device)
+        pos_freqs = base ** (torch.arange(0, hd, 2, device=device).float() / hd)
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        attention = args.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv_freq, attention
+    raise ValueError(f"rope_scaling {kind!r}: none | llama3 | yarn | linear")
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (B, S, head_dim/2) for integer positions (B, S)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rope_angles(positions: torch.Tensor, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, S, head_dim/2) for integer positions (B, S); yarn scales both."""
+    inv_freq, scale = rope_inv_freq(args, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,11 +186,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tied embeddings, one Parameter under two names (HF files store it as embed_tokens only).
+        Again after `to_empty` on an unsharded model: it materializes each name's parameter apart."""
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor,
                       document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, S, dim): what the output projection reads."""
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_angles(positions, self.args)
         h = self.tok_embeddings(tokens)  # (B, S, dim)
         for layer in self.layers.values():
             h = layer(h, cos, sin, document_ids)
@@ -171,9 +231,9 @@ def init_weights(model: Transformer, seed: int) -> None:
         full = torch.empty(param.shape, dtype=torch.float32, device=device)
         if "norm" in cname:
             full.fill_(1.0)
-        elif cname.startswith("tok_embeddings"):
+        elif cname.startswith("tok_embeddings") and not args.tie_word_embeddings:
             nn.init.normal_(full, std=1.0, generator=gen)
-        elif cname.startswith("output"):
+        elif cname.startswith(("output", "tok_embeddings")):  # tied: the output's scale (logits of O(1))
             std = args.dim ** -0.5
             nn.init.trunc_normal_(full, std=std, a=-3 * std, b=3 * std, generator=gen)
         else:

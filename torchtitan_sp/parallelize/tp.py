@@ -67,6 +67,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool, async
                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
     })
+    if args.tie_word_embeddings:  # both plans shard the (vocab, dim) weight by rows: Shard(0), one layout
+        model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
