@@ -39,8 +39,10 @@ COMMON = ["--training.seq_len", "64", "--training.local_batch_size", "1", "--tra
           "--training.steps", "10", "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
           "--metrics.disable_color_printing", "--lr_scheduler.warmup_steps", "8", "--lr_scheduler.decay_type", "none",
           "--lr_scheduler.min_lr_factor", "0",  # no decay: the recipe's floor would be ignored (an error)
-          "--checkpoint.enable", "--checkpoint.interval", "5", "--comm.train_timeout_seconds", str(TIMEOUT),
-          "--comm.checkpoint_timeout_seconds", str(TIMEOUT)]
+          "--comm.train_timeout_seconds", str(TIMEOUT)]
+# Checkpointing, unless a run's own arguments switch it off (its keys would then be meaningless: an error).
+CHECKPOINTS = ["--checkpoint.enable", "--checkpoint.interval", "5", "--comm.checkpoint_timeout_seconds", str(TIMEOUT)]
+NO_CHECKPOINTS = ("--checkpoint.enable", "false")
 
 
 class Run:
@@ -51,13 +53,15 @@ class Run:
         dump.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.procs = []
+        off = any(args[i:i + 2] == NO_CHECKPOINTS for i in range(len(args)))
+        common = COMMON + ([] if off else CHECKPOINTS)
         for r in range(nproc):
             env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r),
                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": "1"}
             with open(dump / f"rank{r}.log", "w") as log:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "torchtitan_sp.train", *COMMON, "--job.dump_folder", str(dump), *args],
+                    [sys.executable, "-m", "torchtitan_sp.train", *common, "--job.dump_folder", str(dump), *args],
                     env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
 
     def wait(self, timeout: float = 120) -> list[int | None]:
@@ -231,7 +235,8 @@ def test_optimizer_keys_win_over_the_loaded_state() -> None:
 def test_bad_checkpoint_is_one_line_before_training(reference: Path, tmp_path: Path, args: tuple, message: str) -> None:
     shutil.copy(reference / "metrics.jsonl", tmp_path / "metrics.jsonl")  # an earlier run's records
     args = tuple(a.format(tmp=tmp_path) for a in args)
-    run = Run(tmp_path, 1, ("--checkpoint.folder", str(reference / "checkpoint"), *args))
+    folder = () if args[:2] == NO_CHECKPOINTS else ("--checkpoint.folder", str(reference / "checkpoint"))
+    run = Run(tmp_path, 1, (*folder, *args))
     assert run.wait() == [2]
     assert re.fullmatch(message, run.log().strip()), run.log()
     assert (tmp_path / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()

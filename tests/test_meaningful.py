@@ -394,3 +394,15 @@ def test_run_effects(tmp_path: Path) -> None:
             jobs.append((key, e.context, [*e.context, f"--{key}", value], e.probe[4:], str(tmp_path)))
     same = [(key, a) for key, a, b in run_distributed(_run_all, 1, jobs)[0] if a == b]
     assert same == [], f"these keys change nothing their probe sees: {same}"
+
+
+def test_a_recipe_value_set_aside_by_an_override_is_not_an_error() -> None:
+    """llama3_8b.toml selects selective AC with option "op": `--activation_checkpoint.mode full` on the
+    command line sets that option aside (the user chose), while giving the option itself on the command
+    line next to a full mode is still an error."""
+    cfg = load_config(["--config", "llama3_8b.toml", "--activation_checkpoint.mode", "full"])
+    check_meaningful(cfg, ParallelDims.from_config(cfg, 8))
+    cfg = load_config(["--config", "llama3_8b.toml", "--activation_checkpoint.mode", "full",
+                       "--activation_checkpoint.selective_ac_option", "op"])
+    with pytest.raises(ConfigError, match="^activation_checkpoint.selective_ac_option = 'op' has no effect"):
+        check_meaningful(cfg, ParallelDims.from_config(cfg, 8))

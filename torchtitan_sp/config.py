@@ -8,6 +8,7 @@ values of the wrong type raise ConfigError, which the entry points turn into one
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import math
@@ -442,9 +443,13 @@ def load_config(argv: list[str] | None = None) -> Config:
             for key, val in table.items():
                 _set(cfg, f"{sec}.{key}", val)
         cfg.job.config_file = str(path)
+    recipe = copy.deepcopy(cfg)
     for name, val in pairs:
         _set(cfg, name, val)
     check_values(cfg)
+    # Defaults + TOML before the command line, and the keys the command line set: meaningful.py tells
+    # a recipe value that an override set aside from a value the user gave.
+    cfg.recipe, cfg.overrides = recipe, {name for name, _ in pairs}
     return cfg
 
 

@@ -110,10 +110,15 @@ def launch_device() -> str:
 
 def check_meaningful(cfg: Config, dims: ParallelDims, device: str | None = None) -> None:
     """Raise ConfigError (one line naming both keys) for a non-default value the rest of `cfg` ignores
-    (on `device`, for a launch; None: planning, on any device)."""
-    default = Config()
+    (on `device`, for a launch; None: planning, on any device). A recipe's value that only a
+    command-line override makes meaningless (`--activation_checkpoint.mode full` on a recipe with a
+    selective option) is set aside, not an error: the override says what the user wants."""
+    default, recipe, given = Config(), getattr(cfg, "recipe", None), getattr(cfg, "overrides", set())
     for rule in RULES:
         val = value(cfg, rule.key)
-        if val != value(default, rule.key) and rule.ignored(cfg, dims, device):
-            raise ConfigError(f"{rule.key} = {_show(val)} has no effect without {rule.needs}; "
-                              f"set that, or leave {rule.key} at its default {_show(value(default, rule.key))}")
+        if val == value(default, rule.key) or not rule.ignored(cfg, dims, device):
+            continue
+        if recipe is not None and rule.key not in given and not rule.ignored(recipe, dims, device):
+            continue  # the recipe's own value, which a command-line override set aside (say, another AC mode)
+        raise ConfigError(f"{rule.key} = {_show(val)} has no effect without {rule.needs}; "
+                          f"set that, or leave {rule.key} at its default {_show(value(default, rule.key))}")
