@@ -4,7 +4,6 @@ check, and packed chat under cp (every strategy) and dp against one process."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -12,12 +11,11 @@ import string
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from tests.dist_utils import free_port, run_distributed
 from tests.test_train import assert_close, losses
-from tests.trainer_utils import tiny_args, train
+from tests.trainer_utils import resumed_loader_matches, tiny_args, train
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import load_config
 from torchtitan_sp.data import build_dataloader
@@ -170,18 +168,7 @@ def test_chat_resume_is_exact(tmp_path: Path) -> None:
     convs = [qa(f"question {i} " + "w " * (i % 5), f"answer {i}") for i in range(9)]
     cfg = chat_config(write_chats(tmp_path / "c.jsonl", convs), "--training.seq_len", "160",
                       "--training.local_batch_size", "2", "--debug.seed", "2")
-    loader = build_dataloader(cfg, 2048, 0, 1)
-    it = iter(loader)
-    for _ in range(2):
-        next(it)
-    buf = io.BytesIO()
-    torch.save(loader.state_dict(), buf)
-    expected = [next(it) for _ in range(5)]  # crosses epochs
-    resumed = build_dataloader(cfg, 2048, 0, 1)
-    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-    rit = iter(resumed)
-    for a, b in zip(expected, [next(rit) for _ in range(5)]):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_loader_matches(cfg, skip=2, count=5)  # the 5 cross epochs
 
 
 BAD_RECORDS = {  # case -> (the bad line, expected message after "<file> line 2: ")

@@ -4,7 +4,6 @@ ignore, and the start-up summary of the data."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -16,10 +15,10 @@ import torch
 
 from tests.test_chat import qa, train_here, write_chats
 from tests.test_train import assert_close, losses
-from tests.trainer_utils import tiny_args
+from tests.trainer_utils import resumed_loader_matches, tiny_args
 from torchtitan_sp.attention.sharding import IGNORE_INDEX
 from torchtitan_sp.config import ConfigError, load_config
-from torchtitan_sp.data import build_dataloader, text
+from torchtitan_sp.data import text
 from torchtitan_sp.data.sources import (
     MixtureDataset,
     build_dataset,
@@ -82,18 +81,7 @@ def test_mixture_proportions_and_independent_streams(tmp_path: Path) -> None:
 
 def test_mixture_loader_resume_is_exact(tmp_path: Path) -> None:
     cfg = mixture(tmp_path, "{tmp}/alpha:0.6,{tmp}/beta:0.4", "--training.local_batch_size", "2")
-    loader = build_dataloader(cfg, 2048, 0, 1)
-    it = iter(loader)
-    for _ in range(7):
-        next(it)
-    buf = io.BytesIO()
-    torch.save(loader.state_dict(), buf)
-    expected = [next(it) for _ in range(30)]
-    resumed = build_dataloader(cfg, 2048, 0, 1)
-    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
-    rit = iter(resumed)
-    for a, b in zip(expected, [next(rit) for _ in range(30)]):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    loader, resumed, _ = resumed_loader_matches(cfg, skip=7, count=30)
     assert resumed.dataset.state_dict() == loader.dataset.state_dict()
 
 
