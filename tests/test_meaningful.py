@@ -205,14 +205,9 @@ def _dry_run_text(cfg, dims) -> str:
     return out.getvalue()
 
 
-def _first_batch(cfg, dims) -> list:
+def _first_batch(cfg, dims, key: str = "tokens") -> list:
     loader = build_dataloader(cfg, model_args(cfg.model).vocab_size, 0, dims.dp)
-    return next(iter(loader))["tokens"].tolist()
-
-
-def _first_labels(cfg, dims) -> list:
-    loader = build_dataloader(cfg, model_args(cfg.model).vocab_size, 0, dims.dp)
-    return next(iter(loader))["labels"].tolist()
+    return next(iter(loader))[key].tolist()
 
 
 def _optimizer(cfg, dims) -> tuple:
@@ -248,7 +243,7 @@ STATIC: dict[str, Callable[[Any, Any], Any]] = {
     "schedule": lambda cfg, dims: [lr_factor(s, cfg.training.steps, cfg.lr_scheduler)
                                    for s in range(cfg.training.steps)],
     "batch": _first_batch,
-    "labels": _first_labels,
+    "labels": lambda cfg, dims: _first_batch(cfg, dims, "labels"),
     "evaluation": lambda cfg, dims: describe_evaluation(cfg),
     "dry_run": _dry_run_text,
     "cp_layout": lambda cfg, dims: shard_sequence(torch.arange(cfg.training.seq_len)[None], 0, dims.cp,

@@ -29,18 +29,14 @@ from torchtitan_sp.config import Config, ConfigError
 from torchtitan_sp.data.packing import empty_batch
 from torchtitan_sp.data.synthetic import SyntheticTokens
 from torchtitan_sp.data.text import (
-    TEXT_COLUMNS,
-    TEXT_NEEDS,
     Corpus,
     Cursor,
     Document,
     TextDataset,
-    check_file,
     load_tokenizer,
     parse_text,
     records,
-    resolve_files,
-    stdlib_files,
+    text_corpus,
 )
 from torchtitan_sp.data.tokenizer import Tokenizer
 from torchtitan_sp.loss import loss_chunk_tokens
@@ -79,15 +75,11 @@ def validation_inputs(cfg: Config) -> tuple[Tokenizer, list[Path]]:
     """The tokenizer and the held-out files, checked (errors name validation's keys)."""
     v = cfg.validation
     tokenizer = load_tokenizer(cfg)
-    if v.dataset == "stdlib":
-        return tokenizer, stdlib_files()
-    try:
-        files = resolve_files(v.dataset_path)
-        for f in files:
-            check_file(f, TEXT_COLUMNS, TEXT_NEEDS, parse_text(model_args(cfg.model).vocab_size))
+    try:  # the training corpus' own file resolution and checks
+        corpus = text_corpus(cfg, None if v.dataset == "stdlib" else v.dataset_path, 0, 1, cfg.debug.seed)
     except ValueError as e:
         raise _keyed(e) from None
-    return tokenizer, files
+    return tokenizer, corpus.files
 
 
 class OneEpoch(Corpus):
